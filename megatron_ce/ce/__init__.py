@@ -1,0 +1,27 @@
+"""Compressed Experts on megatron-core: config, router, layer, experts and layer specs."""
+
+from megatron_ce.ce.config import CE_VARIANTS, CETransformerConfig, ConfigError
+from megatron_ce.ce.experts import CEGroupedMLP, CESequentialMLP, CETEGroupedMLP
+from megatron_ce.ce.layer import CEMoELayer, CompressedExperts
+from megatron_ce.ce.router import CERouterMixin, CETopKRouter
+from megatron_ce.ce.spec import (
+    get_gpt_ce_layer_local_spec,
+    get_gpt_ce_layer_te_spec,
+    to_ce_layer_spec,
+)
+
+__all__ = [
+    "CE_VARIANTS",
+    "CETransformerConfig",
+    "ConfigError",
+    "CEGroupedMLP",
+    "CESequentialMLP",
+    "CETEGroupedMLP",
+    "CEMoELayer",
+    "CompressedExperts",
+    "CERouterMixin",
+    "CETopKRouter",
+    "get_gpt_ce_layer_local_spec",
+    "get_gpt_ce_layer_te_spec",
+    "to_ce_layer_spec",
+]

@@ -1,0 +1,136 @@
+"""CE MoE layer: megatron-core's MoELayer with compressed experts (DESIGN.md §1).
+
+Flow per token: the CE router gives the main experts (with the base model's weights) and the k_a
+auxiliary experts (indices + renormalised weights). Only main experts are dispatched.
+- "hidden" variant: h <- h * sum_j w_j theta_j before dispatch; the experts are unchanged.
+- "ia3" variant: the k_a indices and weights ride along as 2*k_a extra columns of the dispatched
+  hidden states (0.4% more dispatch volume at OLMoE shape, instead of ~3.5x for sending the scale
+  vectors); the expert side rebuilds (c_g, c_u, c_d) from its replicated theta table with one
+  embedding_bag and hands them to the CE experts.
+The theta tables are ordinary (non-expert) parameters, replicated on every rank: their gradients are
+all-reduced over the data-parallel group like any dense weight, and tagged `sequence_parallel` so
+megatron-core also sums them over tensor-parallel ranks (each TP rank sees only its tokens / its ffn
+slice of theta_down).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_ce.ce.config import validate_ce
+
+
+class CompressedExperts(torch.nn.Module):
+    """The theta tables of one layer: n compressed experts, initialised to ones."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, variant: str, dtype):
+        super().__init__()
+        self.variant = variant
+
+        def table(width):
+            p = torch.nn.Parameter(torch.ones(num_experts, width, dtype=dtype))
+            p.sequence_parallel = True  # grads summed over TP ranks by finalize_model_grads
+            return p
+
+        if variant == "ia3":
+            self.gate = table(hidden_size)
+            self.up = table(hidden_size)
+            self.down = table(ffn_size)
+        else:
+            self.hidden = table(hidden_size)
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            for p in self.parameters():
+                p.fill_(1.0)
+
+    def mix(self, aux_idx, aux_w, tables):
+        """sum_j w_j * theta[idx_j] for each row, over the concatenated tables: [R, sum(widths)]."""
+        table = torch.cat(tables, dim=1) if len(tables) > 1 else tables[0]
+        return F.embedding_bag(aux_idx, table, per_sample_weights=aux_w.to(table.dtype), mode="sum")
+
+
+class CEMoELayer(MoELayer):
+    """MoELayer + compressed experts. With moe_ce_num_compressed = 0 it is MoELayer exactly."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        validate_ce(config)
+        super().__init__(config, submodules, layer_number, pg_collection)
+        self.ce_num_compressed = getattr(config, "moe_ce_num_compressed", 0)
+        self.ce_variant = getattr(config, "moe_ce_variant", "ia3")
+        self.ce = None
+        self._ce_aux = None
+        if self.ce_num_compressed > 0:
+            self.ce = CompressedExperts(
+                config.num_moe_experts,
+                config.hidden_size,
+                config.moe_ffn_hidden_size,
+                self.ce_variant,
+                config.params_dtype,
+            )
+            self.expt_tp_group = (pg_collection or self._default_pgs()).expt_tp
+
+    @staticmethod
+    def _default_pgs():
+        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+        return get_default_pg_collection()
+
+    # -- routing ---------------------------------------------------------------------------
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if self.ce is None:
+            return super().route(hidden_states, padding_mask)
+        probs, routing_map, aux_idx, aux_w = self.router.route_ce(hidden_states, padding_mask)
+        self._ce_aux = (aux_idx, aux_w)  # consumed by preprocess() within the same forward
+        return probs, routing_map
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        if self.ce is None:
+            return super().preprocess(hidden_states, probs, routing_map)
+        (aux_idx, aux_w), self._ce_aux = self._ce_aux, None
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        if self.ce_variant == "hidden":
+            scale = self.ce.mix(aux_idx, aux_w, [self.ce.hidden])
+            flat = flat * scale.to(flat.dtype)
+        else:
+            # Integer indices are exact in fp32 and bf16 (< 256 experts) and fp16 (< 2048).
+            payload = torch.cat([aux_idx.to(flat.dtype), aux_w.to(flat.dtype)], dim=-1)
+            flat = torch.cat([flat, payload], dim=-1)
+        hidden_states, probs = super().preprocess(
+            flat.view(*shape[:-1], flat.shape[-1]), probs, routing_map
+        )
+        return hidden_states, probs
+
+    # -- experts ---------------------------------------------------------------------------
+    def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        if self.ce is None or self.ce_variant == "hidden":
+            return super().routed_experts_compute(hidden_states, probs)
+        td = self.token_dispatcher
+        dispatched, tokens_per_expert, permuted_probs = td.dispatch_postprocess(hidden_states, probs)
+        d, k_a = self.config.hidden_size, self.ce_num_compressed
+        x, aux_idx, aux_w = dispatched.split([d, k_a, k_a], dim=-1)
+        self._strip_payload_from_dispatcher(d)
+        scales = self._ce_scales(aux_idx.detach().round().long(), aux_w)
+        expert_output, mlp_bias = self.experts(x, tokens_per_expert, permuted_probs, scales)
+        output = td.combine_preprocess(expert_output)
+        return output, mlp_bias
+
+    def _strip_payload_from_dispatcher(self, d: int):
+        """The dispatcher recorded shapes with the payload columns; the combine path is width d."""
+        td = self.token_dispatcher
+        for name in ("hidden_shape", "hidden_shape_before_permute"):
+            shape = getattr(td, name, None)
+            if shape is not None and shape[-1] != d:
+                setattr(td, name, torch.Size((*shape[:-1], d)))
+
+    def _ce_scales(self, aux_idx, aux_w):
+        """(c_g, c_u, c_d) for each dispatched row; c_d sliced to this rank's ffn shard."""
+        tp, rank = self.expt_tp_group.size(), self.expt_tp_group.rank()
+        f = self.config.moe_ffn_hidden_size // tp
+        down = self.ce.down[:, rank * f : (rank + 1) * f] if tp > 1 else self.ce.down
+        c = self.ce.mix(aux_idx, aux_w, [self.ce.gate, self.ce.up, down])
+        d = self.config.hidden_size
+        return c.split([d, d, f], dim=-1)

@@ -1,0 +1,64 @@
+"""Turn megatron-core GPT layer specs (local or Transformer-Engine) into CE specs.
+
+Only the MoE pieces are swapped, by type: MoELayer -> CEMoELayer, TopKRouter -> CETopKRouter and each
+expert class -> its CE subclass. Everything else in the spec (attention, norms, TE modules) is kept.
+"""
+
+import copy
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_ce.ce.experts import CE_EXPERTS, CEExpertsMixin
+from megatron_ce.ce.layer import CEMoELayer
+from megatron_ce.ce.router import CERouterMixin, CETopKRouter
+
+
+def _ce_moe_spec(moe: ModuleSpec) -> ModuleSpec:
+    moe = copy.copy(moe)
+    if not issubclass(moe.module, CEMoELayer):
+        moe.module = CEMoELayer
+    sub = copy.copy(moe.submodules)
+    experts = copy.copy(sub.experts)
+    if not issubclass(experts.module, CEExpertsMixin):
+        if experts.module not in CE_EXPERTS:
+            raise TypeError(f"no CE version of expert module {experts.module.__name__}")
+        experts.module = CE_EXPERTS[experts.module]
+    sub.experts = experts
+    if not issubclass(sub.router, CERouterMixin):
+        if sub.router is not TopKRouter:
+            raise TypeError(f"no CE version of router {sub.router.__name__}; mix in CERouterMixin")
+        sub.router = CETopKRouter
+    moe.submodules = sub
+    return moe
+
+
+def to_ce_layer_spec(spec):
+    """CE version of a TransformerLayer spec, or of a block spec (its `layer_specs`)."""
+    spec = copy.copy(spec)
+    if hasattr(spec, "layer_specs"):  # TransformerBlockSubmodules
+        spec.layer_specs = [to_ce_layer_spec(s) for s in spec.layer_specs]
+        return spec
+    sub = copy.copy(spec.submodules)
+    mlp = getattr(sub, "mlp", None)
+    if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(mlp.module, MoELayer):
+        sub.mlp = _ce_moe_spec(mlp)
+    spec.submodules = sub
+    return spec
+
+
+def get_gpt_ce_layer_local_spec(**kwargs) -> ModuleSpec:
+    """megatron-core's `get_gpt_layer_local_spec(**kwargs)` with CE MoE layers."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return to_ce_layer_spec(get_gpt_layer_local_spec(**kwargs))
+
+
+def get_gpt_ce_layer_te_spec(**kwargs) -> ModuleSpec:
+    """megatron-core's Transformer-Engine GPT layer spec with CE MoE layers (needs TE)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    return to_ce_layer_spec(get_gpt_layer_with_transformer_engine_spec(**kwargs))

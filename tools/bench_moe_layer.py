@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Time one MoE layer: top-k vs top-k/2 vs top-k/2 + CE (both variants), same tokens, same process.
+
+    python tools/bench_moe_layer.py --shape olmoe --tokens 1024 --repeats 5 [--json]
+
+Prints forward and forward+backward milliseconds per configuration and the ratio to top-k/2 (the
+CE overhead is the `+CE` rows' ratio - 1). All configurations share one set of weights.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAPES = {  # hidden, expert ffn, experts, top-k (DESIGN.md §2, §3)
+    "olmoe": dict(d=2048, ffn=1024, n=64, k=8),
+    "phimoe": dict(d=4096, ffn=6400, n=16, k=2),
+}
+
+
+def build(shape, k, k_a, variant, experts, dtype):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_ce.ce import CETransformerConfig, get_gpt_ce_layer_local_spec
+
+    grouped = experts == "grouped"
+    cfg = CETransformerConfig(
+        num_layers=1,
+        hidden_size=shape["d"],
+        num_attention_heads=16,
+        num_moe_experts=shape["n"],
+        moe_router_topk=k,
+        moe_ffn_hidden_size=shape["ffn"],
+        ffn_hidden_size=shape["ffn"],
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        moe_router_pre_softmax=True,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        moe_token_dispatcher_type="alltoall",
+        moe_ce_num_compressed=k_a,
+        moe_ce_variant=variant,
+    )
+    spec = get_gpt_ce_layer_local_spec(
+        num_experts=shape["n"], moe_grouped_gemm=grouped, moe_use_legacy_grouped_gemm=grouped
+    )
+    return build_module(spec.submodules.mlp, config=cfg)
+
+
+def time_it(fn, repeats, sync):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe")
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--experts", choices=["sequential", "grouped"], default="grouped")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights/activations (GPU)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = ap.parse_args(argv)
+
+    from megatron_ce.runtime import init_parallel
+
+    init_parallel()
+    torch.manual_seed(0)
+    shape = SHAPES[args.shape]
+    k = shape["k"]
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    configs = {  # name -> (top-k, k_a, variant)
+        f"top{k}": (k, 0, "ia3"),
+        f"top{k // 2}": (k // 2, 0, "ia3"),
+        f"top{k // 2}+ce_ia3": (k, k // 2, "ia3"),
+        f"top{k // 2}+ce_hidden": (k, k // 2, "hidden"),
+    }
+    base = f"top{k // 2}"
+    x = torch.randn(args.tokens, 1, shape["d"], dtype=dtype, device=device)
+    weights = None
+    results = {}
+    for name, (topk, k_a, variant) in configs.items():
+        layer = build(shape, topk, k_a, variant, args.experts, dtype).to(device)
+        if weights is None:
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.normal_(0, 0.02)
+            weights = {n: p for n, p in layer.state_dict().items()}
+        layer.load_state_dict(weights, strict=False)  # CE tables stay at their init (ones)
+
+        def fwd():
+            with torch.no_grad():
+                layer(x)
+
+        def fwd_bwd():
+            xi = x.detach().requires_grad_(True)
+            out, _ = layer(xi)
+            out.sum().backward()
+
+        results[name] = {
+            "fwd_ms": time_it(fwd, args.repeats, sync),
+            "fwd_bwd_ms": time_it(fwd_bwd, args.repeats, sync),
+        }
+        del layer
+    for r in results.values():
+        r["fwd_ratio"] = r["fwd_ms"] / results[base]["fwd_ms"]
+        r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / results[base]["fwd_bwd_ms"]
+    meta = dict(shape=args.shape, tokens=args.tokens, experts=args.experts, dtype=str(dtype),
+                device=device, baseline=base)
+    if args.json:
+        print(json.dumps({"meta": meta, **results}))
+        return results
+    print(f"MoE layer, {args.shape} shape {shape}, {args.tokens} tokens, {args.experts} experts, "
+          f"{dtype}, {device}; ratios to {base}")
+    print(f"{'config':<18}{'fwd ms':>10}{'ratio':>8}{'fwd+bwd ms':>13}{'ratio':>8}")
+    for name, r in results.items():
+        print(f"{name:<18}{r['fwd_ms']:>10.1f}{r['fwd_ratio']:>8.3f}"
+              f"{r['fwd_bwd_ms']:>13.1f}{r['fwd_bwd_ratio']:>8.3f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
