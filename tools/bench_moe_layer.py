@@ -28,11 +28,8 @@ SHAPES = {  # hidden, expert ffn, experts, top-k (DESIGN.md §2, §3)
 
 
 def build(shape, k, k_a, variant, experts, dtype):
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron_ce.ce import CETransformerConfig, build_ce_moe_layer
 
-    from megatron_ce.ce import CETransformerConfig, get_gpt_ce_layer_local_spec
-
-    grouped = experts == "grouped"
     cfg = CETransformerConfig(
         num_layers=1,
         hidden_size=shape["d"],
@@ -54,10 +51,7 @@ def build(shape, k, k_a, variant, experts, dtype):
         moe_ce_num_compressed=k_a,
         moe_ce_variant=variant,
     )
-    spec = get_gpt_ce_layer_local_spec(
-        num_experts=shape["n"], moe_grouped_gemm=grouped, moe_use_legacy_grouped_gemm=grouped
-    )
-    return build_module(spec.submodules.mlp, config=cfg)
+    return build_ce_moe_layer(cfg, grouped_gemm=experts == "grouped")
 
 
 def time_it(fn, repeats, sync):

@@ -5,12 +5,14 @@ from megatron_ce.ce.experts import CEGroupedMLP, CESequentialMLP, CETEGroupedMLP
 from megatron_ce.ce.layer import CEMoELayer, CompressedExperts
 from megatron_ce.ce.router import CERouterMixin, CETopKRouter
 from megatron_ce.ce.spec import (
+    build_ce_moe_layer,
     get_gpt_ce_layer_local_spec,
     get_gpt_ce_layer_te_spec,
     to_ce_layer_spec,
 )
 
 __all__ = [
+    "build_ce_moe_layer",
     "CE_VARIANTS",
     "CETransformerConfig",
     "ConfigError",

@@ -62,3 +62,15 @@ def get_gpt_ce_layer_te_spec(**kwargs) -> ModuleSpec:
     )
 
     return to_ce_layer_spec(get_gpt_layer_with_transformer_engine_spec(**kwargs))
+
+
+def build_ce_moe_layer(config, grouped_gemm: bool = False, pg_collection=None):
+    """One standalone CE MoE layer (local spec; legacy GroupedMLP experts when grouped_gemm)."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    spec = get_gpt_ce_layer_local_spec(
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=grouped_gemm,
+        moe_use_legacy_grouped_gemm=grouped_gemm,
+    )
+    return build_module(spec.submodules.mlp, config=config, pg_collection=pg_collection)

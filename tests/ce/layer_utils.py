@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import build_module
 
-from megatron_ce.ce import CETransformerConfig, get_gpt_ce_layer_local_spec
+from megatron_ce.ce import CETransformerConfig, build_ce_moe_layer
 
 
 def ce_config(n=8, k=2, k_a=1, variant="ia3", d=32, ffn=48, dispatcher="allgather", **kw):
@@ -34,8 +34,9 @@ def ce_config(n=8, k=2, k_a=1, variant="ia3", d=32, ffn=48, dispatcher="allgathe
 
 def build_moe(config, grouped=False, ce=True):
     """One MoE layer from the CE spec (or megatron-core's own spec when ce=False)."""
-    spec_fn = get_gpt_ce_layer_local_spec if ce else get_gpt_layer_local_spec
-    spec = spec_fn(
+    if ce:
+        return build_ce_moe_layer(config, grouped_gemm=grouped)
+    spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=grouped,
         moe_use_legacy_grouped_gemm=grouped,
