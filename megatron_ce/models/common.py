@@ -1,0 +1,88 @@
+"""Helpers shared by the model families: reading HF configs and building a GPTModel for this rank."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Union
+
+from megatron_ce.ce.config import ConfigError
+
+HFConfigLike = Union[str, os.PathLike, Mapping[str, Any], Any]
+
+
+def hf_config_dict(hf_config: HFConfigLike) -> Dict[str, Any]:
+    """An HF config as a plain dict: from a transformers config object, a dict, a config.json path or
+    a directory holding config.json."""
+    if isinstance(hf_config, Mapping):
+        return dict(hf_config)
+    if isinstance(hf_config, (str, os.PathLike)):
+        path = os.fspath(hf_config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no HF config at {path}")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    if hasattr(hf_config, "to_dict"):
+        return hf_config.to_dict()
+    raise TypeError(f"cannot read an HF config from {type(hf_config).__name__}")
+
+
+def require(cfg: Mapping[str, Any], key: str, family: str):
+    if key not in cfg or cfg[key] is None:
+        raise ConfigError(f"{family} config.json lacks {key!r}")
+    return cfg[key]
+
+
+def rope_theta(cfg: Mapping[str, Any], default: float = 10000.0) -> float:
+    """RoPE base from a transformers 5.x (`rope_parameters`) or 4.x (`rope_theta`) config."""
+    params = cfg.get("rope_parameters") or {}
+    if isinstance(params, Mapping) and params.get("rope_theta") is not None:
+        return float(params["rope_theta"])
+    if cfg.get("rope_theta") is not None:
+        return float(cfg["rope_theta"])
+    return float(default)
+
+
+def rope_type(cfg: Mapping[str, Any]) -> str:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, Mapping):
+        return "default"
+    return params.get("rope_type") or params.get("type") or "default"
+
+
+def check_divisible(value: int, size: int, what: str, flag: str):
+    if size > 1 and value % size != 0:
+        raise ConfigError(f"{what}={value} must be divisible by {flag}={size}")
+
+
+def build_gpt_model(
+    config,
+    layer_spec,
+    model_kwargs: Dict[str, Any],
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+):
+    """megatron-core GPTModel for this rank's pipeline stage. Parallel state must be initialised
+    (megatron_ce.runtime.init_parallel, which also applies the CPU shims when CUDA is absent)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    check_divisible(model_kwargs["vocab_size"], tp, "--vocab-size", "--tensor-model-parallel-size")
+    kwargs = dict(model_kwargs)
+    if vp_stage is not None:
+        kwargs["vp_stage"] = vp_stage
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        pre_process=pre_process,
+        post_process=post_process,
+        **kwargs,
+    )

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Convert a megatron-core dist checkpoint (saved at any TP/EP/PP) to an HF model directory.
+
+    python tools/convert_megatron_to_hf.py --load-dir MEGATRON_DIR --save-dir HF_DIR \
+        [--dtype auto] [--max-shard-size 2GB]
+
+MEGATRON_DIR is a save dir with latest_checkpointed_iteration.txt, or a checkpoint directory itself.
+The model is described by megatron_ce.json (written by convert_hf_to_megatron.py); without it pass
+--hf-config CONFIG_JSON (and --moe-ce-num-compressed / --moe-ce-variant for a CE model).
+Writes safetensors shards (+ index) and config.json; experts in the per-expert layout that every
+transformers version loads.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load-dir", required=True, help="Megatron save dir or dist checkpoint dir")
+    p.add_argument("--save-dir", required=True, help="output HF model directory")
+    p.add_argument("--dtype", default="auto", help="auto (keep) | fp32 | bf16 | fp16")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (e.g. 2GB, 500MB)")
+    p.add_argument("--hf-config", default=None, help="config.json of the model (when megatron_ce.json is absent)")
+    p.add_argument("--model-type", default=None, help="override the model family")
+    p.add_argument("--moe-ce-num-compressed", type=int, default=None, help="override k_a")
+    p.add_argument("--moe-ce-variant", choices=("ia3", "hidden"), default=None, help="override the CE variant")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from megatron_ce.convert import ConversionError, convert_megatron_to_hf
+    from megatron_ce.ce.config import ConfigError
+
+    try:
+        shards = convert_megatron_to_hf(
+            args.load_dir,
+            args.save_dir,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            hf_config=args.hf_config,
+            model_type=args.model_type,
+            moe_ce_num_compressed=args.moe_ce_num_compressed,
+            moe_ce_variant=args.moe_ce_variant,
+            progress=not args.no_progress,
+        )
+    except (ConversionError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(shards)} shard(s) to {args.save_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
