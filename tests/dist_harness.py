@@ -22,7 +22,14 @@ Two layers:
       loss and every gradient, name by name.
 
 ``spec_fn`` (``spec_fn(config) -> layer spec``) must be a top-level function (it is pickled by
-reference into the spawned processes).
+reference into the spawned processes).  Ranks use CUDA/nccl only when there is a GPU per rank
+(:func:`cuda_fits`); otherwise GPUs are hidden from them and they run on CPU with gloo and the
+CPU shims, so the same tests run on a laptop, CI and a one-GPU machine.
+
+Also here: :func:`build_tiny_gpt` / :func:`make_tiny_config` (TINY_CONFIG + overrides),
+:func:`make_global_batch`, :func:`local_microbatches`, :func:`wrap_ddp`,
+:func:`train_step_grads` (usable inside your own rank functions), and
+:func:`run_optimizer_steps` (mcore plain vs distributed optimizer from the same init).
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ def test_ce_hidden_ep2_alltoall(tmp_path):
 @pytest.mark.parametrize(
     "layout,config",
     [
-        (dict(tp=2, ep=2, dispatcher="alltoall"), CE),
-        (dict(tp=2, pp=2, ep=2, dispatcher="alltoall"), CE),
+        (dict(tp=2, ep=2, etp=1, dispatcher="alltoall"), CE),
+        (dict(tp=2, pp=2, ep=2, etp=1, dispatcher="alltoall"), CE),
         (dict(tp=2, dispatcher="allgather"), HIDDEN),
         (dict(pp=2, ep=2, dispatcher="allgather"), HIDDEN),
         (dict(ep=2, dispatcher="alltoall"), {**CE, "moe_grouped_gemm": True,
