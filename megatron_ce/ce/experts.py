@@ -27,7 +27,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: List[int]) -
         return gg.ops.gmm(
             x, w.contiguous(), torch.tensor(tokens_per_expert, dtype=torch.long), trans_b=False
         )
-    outs = [xe @ w[e] for e, xe in enumerate(_split(x, tokens_per_expert))]
+    # unbind once: indexing w[e] per expert would make each backward build a full-size zero grad.
+    outs = [xe @ we for we, xe in zip(w.unbind(0), _split(x, tokens_per_expert))]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 
 
