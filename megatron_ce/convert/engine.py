@@ -202,7 +202,16 @@ def _read_hf_config(load_dir: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConversionError(f"no config.json in {load_dir}")
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return _base_model_type(json.load(f))
+
+
+def _base_model_type(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A CE export's config.json names its CE model_type (e.g. olmoe_ce): read it as the base family."""
+    from megatron_ce.hf import base_model_type
+
+    if "model_type" in cfg:
+        cfg["model_type"] = base_model_type(cfg["model_type"])
+    return cfg
 
 
 CE_CONFIG_KEYS = ("moe_ce_num_compressed", "moe_ce_variant", "n_ce", "auto_map")
@@ -429,7 +438,7 @@ def convert_megatron_to_hf(
     ckpt_dir = resolve_checkpoint_dir(load_dir)
     if hf_config is not None:
         with open(hf_config, encoding="utf-8") as f:
-            cfg = json.load(f)
+            cfg = _base_model_type(json.load(f))
         k, v = _hf_ce_fields(cfg)
         meta = {"model_type": cfg.get("model_type"), "hf_config": cfg, "moe_ce_num_compressed": k, "moe_ce_variant": v or "ia3"}
     else:
@@ -510,6 +519,10 @@ def convert_megatron_to_hf(
     if k_a > 0:
         export["moe_ce_num_compressed"] = k_a
         export["moe_ce_variant"] = variant
+        # CE modeling code beside the weights + auto_map/architectures (trust_remote_code loading)
+        from megatron_ce.hf import install_ce_modeling
+
+        install_ce_modeling(save_dir, export, family.model_type)
     with open(os.path.join(save_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(export, f, indent=2, sort_keys=True)
     return shards
