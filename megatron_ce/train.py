@@ -1,0 +1,53 @@
+"""SFT entry point: `python -m megatron_ce.train ...` or `torchrun --nproc-per-node N -m megatron_ce.train ...`.
+
+Megatron-LM flag names; see `python -m megatron_ce.train --help` and megatron_ce/training/.
+Exit codes: 0 done, 2 bad flag / configuration (one line naming the flag), 3 stopped on a non-finite
+loss (the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+
+def main(argv=None) -> int:
+    from megatron_ce.training.args import ArgError, exit_on_arg_error, parse_args
+
+    try:
+        args = parse_args(argv)
+    except ArgError as e:
+        exit_on_arg_error(e)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # megatron-core warns once per layer that it does not know CEMoELayer's MLP type (it then builds
+    # it with default kwargs, which CEMoELayer handles).
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+        lambda r: "Unknown MLP type" not in r.getMessage())
+    import torch
+
+    from megatron_ce.data import DataError
+    from megatron_ce.training.loop import TrainingStopped, train
+
+    code = 0
+    try:
+        train(args)
+    except ArgError as e:
+        exit_on_arg_error(e)
+    except DataError as e:
+        print(f"megatron_ce.train: data error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except TrainingStopped as e:
+        print(f"megatron_ce.train: {e}", file=sys.stderr, flush=True)
+        code = 3
+    finally:
+        from megatron_ce.runtime import destroy_parallel
+
+        if torch.distributed.is_initialized() and code == 0:
+            destroy_parallel()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Atomic training checkpoints: model weights as a megatron-core dist checkpoint (reshardable), the
+rest per rank.
+
+Layout of `--save DIR`:
+
+    DIR/latest_checkpointed_iteration.txt     "40" (written last, atomically)
+    DIR/iter_0000040/                         model weights (torch_dist: .metadata, *.distcp, common.pt)
+        train_state.json                      iteration, consumed samples, LR scheduler, parallel layout
+        rank_00000.pt ...                     per rank: optimizer state (+ fp32 master weights), RNG
+        megatron_ce.json                      model family / HF config (when built from one)
+    DIR/iter_0000044.tmp/                     a save in progress (or interrupted: ignored with a warning)
+
+Save: every rank writes into `iter_N.tmp` (megatron-core's writer fsyncs its files; ours are written to
+`.part`, fsynced, renamed); after a barrier rank 0 writes train_state.json, fsyncs the folder, renames
+it to `iter_N`, fsyncs DIR, then replaces the tracker file atomically. A crash at any point leaves the
+previous tracker and its folder intact.
+
+Optimizer state: megatron-core 0.16.1 cannot dist-checkpoint torch Adam state (DESIGN.md §5), so each
+rank saves its own inner torch optimizer state and master weights with torch.save. It is exact, and
+restored only under the same layout (TP/PP/EP/ETP/DP, distributed optimizer, bf16); under another
+layout the weights, iteration, data position and LR schedule are restored and the optimizer starts
+fresh (a warning says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+STATE = "train_state.json"
+META_NAME = "megatron_ce.json"
+RELEASE = "release"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def _barrier():
+    torch.distributed.barrier()
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for d, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(os.path.join(d, f))
+        _fsync_path(d)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def _sync_saves_in_process() -> None:
+    """megatron-core's writer returns results through a queue it creates as a spawn-context
+    multiprocessing Manager (seconds to start, per process) to serve *async* saves; our saves are
+    synchronous, where a thread queue does the same job."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "missing") is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+# ----------------------------------------------------------------------------------------------
+# what a rank holds
+# ----------------------------------------------------------------------------------------------
+
+
+def parallel_layout(args) -> Dict[str, Any]:
+    return dict(world_size=args.world_size, tp=args.tensor_model_parallel_size,
+                pp=args.pipeline_model_parallel_size, ep=args.expert_model_parallel_size,
+                etp=args.expert_tensor_parallel_size or args.tensor_model_parallel_size,
+                distributed_optimizer=bool(args.use_distributed_optimizer), bf16=bool(args.bf16))
+
+
+def sub_optimizers(optimizer) -> List[Any]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_rank_state(optimizer, model) -> List[Dict[str, Any]]:
+    """Per sub-optimizer: the inner torch optimizer's state and the tensors it updates when they are
+    separate fp32 master copies (bf16); tensors that share storage with the model's parameters (fp32
+    training) are restored with the weights and saved as None."""
+    model_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    out = []
+    for sub in sub_optimizers(optimizer):
+        inner = sub.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        out.append(dict(
+            inner=inner.state_dict(),
+            shapes=[list(p.shape) for p in params],
+            main_params=[None if p.untyped_storage().data_ptr() in model_storage else p.detach()
+                         for p in params],
+            grad_scaler=sub.grad_scaler.state_dict() if getattr(sub, "grad_scaler", None) else None,
+        ))
+    return out
+
+
+def load_optimizer_rank_state(optimizer, saved: List[Dict[str, Any]]) -> Optional[str]:
+    """Restore `optimizer_rank_state`; returns a reason string instead when the shapes differ."""
+    subs = sub_optimizers(optimizer)
+    if len(subs) != len(saved):
+        return f"{len(saved)} sub-optimizers saved, {len(subs)} now"
+    for sub, s in zip(subs, saved):
+        params = [p for g in sub.optimizer.param_groups for p in g["params"]]
+        if [list(p.shape) for p in params] != s["shapes"]:
+            return "the optimizer's parameter shards differ"
+    for sub, s in zip(subs, saved):
+        sub.optimizer.load_state_dict(s["inner"])
+        params = [p for g in sub.optimizer.param_groups for p in g["params"]]
+        with torch.no_grad():
+            for p, t in zip(params, s["main_params"]):
+                if t is not None:
+                    p.copy_(t)
+        if s["grad_scaler"] is not None and getattr(sub, "grad_scaler", None):
+            sub.grad_scaler.load_state_dict(s["grad_scaler"])
+    return None
+
+
+def rng_state() -> Dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = dict(python=random.getstate(), numpy=[name, torch.from_numpy(key.copy()), pos, has_gauss, gauss],
+                 torch=torch.get_rng_state(), tracker=tensor_parallel.get_cuda_rng_tracker().get_states())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ----------------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, consumed_samples: int,
+                    args, meta: Optional[dict] = None) -> str:
+    """Collective. Returns the final folder."""
+    from megatron.core import dist_checkpointing
+
+    _sync_saves_in_process()
+    final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):  # left by an interrupted save of this iteration
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(gpt_model.sharded_state_dict(), tmp)
+    rank_state = dict(layout=parallel_layout(args), rng=rng_state(),
+                      optimizer=None if args.no_save_optim else optimizer_rank_state(optimizer, gpt_model))
+    path = os.path.join(tmp, f"rank_{_rank():05d}.pt")
+    with open(path + ".part", "wb") as f:
+        torch.save(rank_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".part", path)
+    _barrier()
+    if _rank() == 0:
+        state = dict(iteration=iteration, consumed_samples=consumed_samples, layout=parallel_layout(args),
+                     scheduler=scheduler.state_dict(), optimizer_saved=not args.no_save_optim)
+        atomic_write(os.path.join(tmp, STATE), json.dumps(state, indent=2).encode())
+        if meta is not None:
+            atomic_write(os.path.join(tmp, META_NAME), json.dumps(meta, indent=2).encode())
+            atomic_write(os.path.join(root, META_NAME), json.dumps(meta, indent=2).encode())
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # re-saving an iteration: swap, then drop the old copy
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_path(root)
+        atomic_write(os.path.join(root, TRACKER), str(iteration).encode())
+    _barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------------
+
+
+def find_checkpoint(root: str) -> Optional[str]:
+    """The folder the tracker names (None if `root` has no checkpoint). Warns about partial saves."""
+    if not root or not os.path.isdir(root):
+        return None
+    partial = sorted(d for d in os.listdir(root) if d.endswith(".tmp") or d.endswith(".old"))
+    if partial and _rank() == 0:
+        warnings.warn(f"ignoring partial checkpoint folder(s) {', '.join(partial)} in {root} "
+                      "(an interrupted save)", stacklevel=2)
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        if any(d.startswith("iter_") and not d.endswith((".tmp", ".old")) for d in os.listdir(root)):
+            raise CheckpointError(f"{root} has iter_* folders but no {TRACKER}")
+        return None
+    with open(tracker, encoding="utf-8") as f:
+        it = f.read().strip()
+    path = os.path.join(root, RELEASE) if it == RELEASE else iter_dir(root, int(it))
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{TRACKER} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def load_model_weights(gpt_model, ckpt_dir: str) -> None:
+    """Load weights saved at any TP/PP/EP layout. CE tables missing from the checkpoint (a base model
+    converted without CE) keep their init (ones) with a warning."""
+    from megatron.core import dist_checkpointing
+
+    sharded = gpt_model.sharded_state_dict()
+    present = set(dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
+    missing = sorted(k for k, v in sharded.items() if getattr(v, "key", k) not in present)
+    ce_missing = [k for k in missing if ".ce." in k]
+    other = [k for k in missing if ".ce." not in k and not k.endswith("_extra_state")]
+    if other:
+        raise CheckpointError(f"{ckpt_dir} lacks {len(other)} model tensors, e.g. {other[0]} "
+                              "(a different model shape?)")
+    for k in missing:
+        sharded.pop(k)
+    if ce_missing and _rank() == 0:
+        warnings.warn(f"{ckpt_dir} has no compressed-expert tables; they start at ones", stacklevel=2)
+    state = dist_checkpointing.load(sharded, ckpt_dir)
+    result = gpt_model.load_state_dict(state, strict=False)
+    bad = [k for k in result.missing_keys if k not in missing and not k.endswith("_extra_state")]
+    if bad:
+        raise CheckpointError(f"loading {ckpt_dir}: {len(bad)} parameters not restored, e.g. {bad[0]}")
+
+
+def read_train_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(ckpt_dir, STATE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_rank_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(ckpt_dir, f"rank_{_rank():05d}.pt")
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,281 @@
+"""The SFT training loop: one readable function, `train(args)`.
+
+Set-up (parallel state, data, model, optimizer, schedule, checkpoint) and then, per iteration:
+micro-batches of this data-parallel rank -> megatron-core forward/backward schedule (pipeline aware,
+gradient accumulation over micro-batches, grads finalized over DP/TP/PP) -> NaN check -> optimizer
+step -> LR step -> log / eval / save.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import partial
+from typing import Dict, List
+
+import torch
+
+from megatron_ce.training import checkpoint as ckpt
+from megatron_ce.training.args import ArgError, train_iters_from_epochs
+from megatron_ce.training.data import GlobalBatchSampler, eval_microbatches, needs_attention_mask, train_microbatches
+from megatron_ce.training.metrics import MetricsWriter, RoutingStats, log_line, theta_stats
+from megatron_ce.training.model import model_provider
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a non-finite loss (exit code 3); the last good checkpoint is kept."""
+
+
+def print0(*a):
+    if torch.distributed.get_rank() == 0:
+        print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# one step
+# ----------------------------------------------------------------------------------------------
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Sum of the masked per-token losses and the token count: megatron-core divides the gradients by
+    the global token count (calculate_per_token_loss), so loss = sum(loss*mask) / sum(mask) over the
+    whole global batch."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    b = next(data_iterator)
+    output = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"])
+    return output, partial(loss_func, b["loss_mask"])
+
+
+def run_schedule(model, microbatches: List[Dict], args, forward_only: bool) -> torch.Tensor:
+    """Forward (+ backward) over the micro-batches; returns [loss sum, tokens] summed over the world
+    (every rank gets it; only last-stage ranks contribute)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=len(microbatches), seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=forward_only)
+    from megatron.core import parallel_state as ps
+
+    local = torch.zeros(2, dtype=torch.float64)
+    # Last-stage TP ranks all hold the full loss: count one of them.
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for d in out:
+            local += d["lm loss"].double()
+    torch.distributed.all_reduce(local)
+    return local
+
+
+def evaluate(model, eval_ds, args) -> float:
+    model.eval()
+    n_batches = math.ceil(len(eval_ds) / args.global_batch_size)
+    if args.eval_iters:
+        n_batches = min(n_batches, args.eval_iters)
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(n_batches):
+            total += run_schedule(model, eval_microbatches(eval_ds, i, args), args, forward_only=True)
+    model.train()
+    return float(total[0] / total[1]) if total[1] > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up
+# ----------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model, args, train_iters: int):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(config, [model])
+    decay = args.lr_decay_iters or train_iters
+    warmup = round(args.lr_warmup_fraction * decay) if args.lr_warmup_fraction is not None else args.lr_warmup_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=train_iters,
+        wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def wrap_model(gpt, args):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    config = gpt.config
+    module = Float16Module(config, gpt) if args.bf16 else gpt
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=False)  # the loop checks the loss itself and stops cleanly
+    model = DistributedDataParallel(config, ddp_config, module)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    return model
+
+
+def resume_source(args):
+    """(checkpoint folder, resume?): resume from --load (default --save) if it has a training
+    checkpoint; weights only from a converted 'release' checkpoint there, with --finetune, or from
+    --pretrained-checkpoint when there is nothing to resume; else (None, False)."""
+    path = ckpt.find_checkpoint(args.load or args.save) if (args.load or args.save) else None
+    if args.load and path is None:
+        raise ArgError(f"--load={args.load} holds no checkpoint ({ckpt.TRACKER} missing)")
+    if path is not None:
+        return path, ckpt.read_train_state(path) is not None and not args.finetune
+    if args.pretrained_checkpoint:
+        path = ckpt.find_checkpoint(args.pretrained_checkpoint) or args.pretrained_checkpoint
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise ArgError(f"--pretrained-checkpoint={args.pretrained_checkpoint} is not a megatron-core dist "
+                           "checkpoint (no .metadata) nor a folder with latest_checkpointed_iteration.txt")
+        return path, False
+    return None, False
+
+
+def restore(state, rank_state, source, optimizer, scheduler, args):
+    """Scheduler, optimizer and RNG from a training checkpoint (weights are already loaded).
+    Returns (iteration, consumed samples). The optimizer state and RNG need the same layout."""
+    scheduler.load_state_dict(state["scheduler"])
+    same = state["layout"] == ckpt.parallel_layout(args)
+    if not same:
+        reason = f"layout {state['layout']} -> {ckpt.parallel_layout(args)}"
+    elif args.no_load_optim or rank_state is None or rank_state["optimizer"] is None:
+        reason = "no optimizer state saved, or --no-load-optim"
+    else:
+        reason = ckpt.load_optimizer_rank_state(optimizer, rank_state["optimizer"])
+    if reason is not None:
+        optimizer.reload_model_params()  # master weights from the loaded model weights
+        print0(f"WARNING: optimizer state not restored ({reason}); weights, iteration, data position and "
+               "LR schedule restored, the optimizer starts fresh")
+    if same and rank_state is not None and not args.no_load_rng:
+        ckpt.set_rng_state(rank_state["rng"])
+    print0(f"resumed from {source} at iteration {state['iteration']} ({state['consumed_samples']} samples consumed)")
+    return state["iteration"], state["consumed_samples"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train(args) -> Dict[str, object]:
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    from megatron_ce.data import build_sft_dataset_from_args
+    from megatron_ce.runtime import init_parallel
+
+    init_parallel(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                  ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+                  seed=args.seed, timeout_s=args.distributed_timeout_minutes * 60)
+    train_ds, eval_ds, stats, tokenizer = build_sft_dataset_from_args(args)  # same on every rank
+    print0(stats.summary())
+    if needs_attention_mask(train_ds) and args.transformer_impl == "transformer_engine":
+        raise ArgError("--sft-packing boundary needs --transformer-impl local (block-diagonal attention masks); "
+                       "with Transformer Engine use --sft-packing reference or none")
+    train_iters = args.train_iters or train_iters_from_epochs(args, len(train_ds))
+
+    # Model, weights, optimizer, schedule.
+    gpt, meta = model_provider(args, len(tokenizer))
+    source, resume = resume_source(args)
+    state, rank_state = None, None
+    if source is not None:
+        ckpt.load_model_weights(gpt, source)
+        print0(f"loaded model weights from {source}")
+        if resume:
+            state = ckpt.read_train_state(source)
+            rank_state = ckpt.load_rank_state(source)
+    model = wrap_model(gpt, args)
+    optimizer, scheduler = build_optimizer(model, args, train_iters)
+    gpt.config.grad_scale_func = optimizer.scale_loss
+    iteration, consumed = restore(state, rank_state, source, optimizer, scheduler, args) if state else (0, 0)
+
+    sampler = GlobalBatchSampler(len(train_ds), args.seed)
+    routing = RoutingStats(gpt, gpt.config.num_layers, gpt.config.num_moe_experts)
+    writer = MetricsWriter(args.tensorboard_dir, purge_step=iteration + 1 if iteration else None)
+    print0(f"training {train_iters} iterations: global batch {args.global_batch_size} = micro "
+           f"{args.micro_batch_size} x dp {args.data_parallel_size} x {args.num_microbatches} micro-batches; "
+           f"seq {args.seq_length}; TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} "
+           f"EP {args.expert_model_parallel_size}; CE k_a={args.moe_ce_num_compressed} ({args.moe_ce_variant})")
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    last_saved, history = (iteration if state is not None else None), []
+    acc = torch.zeros(2, dtype=torch.float64)
+    step_time, iters_since_log = 0.0, 0
+
+    def kept():
+        if last_saved is None or not args.save:
+            return "no checkpoint was saved"
+        return f"the last good checkpoint {ckpt.iter_dir(args.save, last_saved)} is kept"
+
+    def save(it):
+        nonlocal last_saved
+        path = ckpt.save_checkpoint(args.save, it, gpt, optimizer, scheduler, consumed, args, meta)
+        last_saved = it
+        print0(f"saved checkpoint {path}")
+
+    while iteration < train_iters:
+        t0 = time.perf_counter()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        step_loss = run_schedule(model, train_microbatches(train_ds, sampler, consumed, args), args, False)
+        loss = float(step_loss[0] / step_loss[1]) if step_loss[1] > 0 else math.nan
+        if not math.isfinite(loss):
+            raise TrainingStopped(f"loss is {loss} at iteration {iteration + 1}; stopping ({kept()})")
+        _, grad_norm, _ = optimizer.step()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise TrainingStopped(f"grad norm is {grad_norm} at iteration {iteration + 1}; stopping ({kept()})")
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(increment=1)
+        iteration += 1
+        consumed += args.global_batch_size
+        acc += step_loss
+        iters_since_log += 1
+        step_time += time.perf_counter() - t0
+        history.append(loss)
+
+        if iteration % args.log_interval == 0 or iteration == train_iters:
+            m = dict(loss=loss, loss_avg=float(acc[0] / acc[1]), lr=lr, grad_norm=float(grad_norm or 0.0),
+                     tokens_per_s=iters_since_log * tokens_per_iter / step_time,
+                     loss_tokens=float(step_loss[1]), epoch=sampler.epoch(consumed))
+            r = routing.reduce_and_reset(gpt.config.moe_router_topk, args.moe_aux_loss_coeff)
+            clear_aux_losses_tracker()  # megatron-core's own aux-loss log (we compute ours from the hooks)
+            th = theta_stats(gpt, optimizer, gpt.config.num_layers)
+            if r.get("layer"):
+                m["aux_loss"] = sum(r["aux_loss"]) / len(r["aux_loss"])
+            writer.training(iteration, m, r, th)
+            print0(log_line(iteration, train_iters, m, r, th))
+            acc.zero_()
+            step_time, iters_since_log = 0.0, 0
+        if args.eval_interval and len(eval_ds) and (iteration % args.eval_interval == 0 or iteration == train_iters):
+            routing.enabled = False
+            eval_loss = evaluate(model, eval_ds, args)
+            routing.enabled = True
+            writer.scalar("eval/loss", eval_loss, iteration)
+            print0(f"iter {iteration:6d} | eval loss {eval_loss:.4f}")
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save(iteration)
+        writer.flush()
+
+    if args.save and last_saved != iteration:
+        save(iteration)
+    writer.close()
+    if torch.distributed.get_rank() == 0:
+        if args.save:
+            print(f"checkpoint: {os.path.abspath(ckpt.iter_dir(args.save, iteration))}", flush=True)
+        if args.tensorboard_dir:
+            print(f"tensorboard events: {os.path.abspath(args.tensorboard_dir)}", flush=True)
+            print(f"view them with: tensorboard --logdir {os.path.abspath(args.tensorboard_dir)}", flush=True)
+    return {"iteration": iteration, "losses": history}
