@@ -50,6 +50,7 @@ def register(family: Family) -> Family:
 def _load_builtin():
     # Importing registers them.
     from megatron_ce.convert import olmoe  # noqa: F401
+    from megatron_ce.convert import phimoe  # noqa: F401
 
 
 def supported_model_types() -> List[str]:
