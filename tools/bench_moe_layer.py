@@ -54,16 +54,12 @@ def build(shape, k, k_a, variant, experts, dtype):
     return build_ce_moe_layer(cfg, grouped_gemm=experts == "grouped")
 
 
-def time_it(fn, repeats, sync):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def timed(fn, sync):
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def main(argv=None):
@@ -93,31 +89,37 @@ def main(argv=None):
     }
     base = f"top{k // 2}"
     x = torch.randn(args.tokens, 1, shape["d"], dtype=dtype, device=device)
-    weights = None
-    results = {}
+    layers = {}
     for name, (topk, k_a, variant) in configs.items():
         layer = build(shape, topk, k_a, variant, args.experts, dtype).to(device)
-        if weights is None:
+        if not layers:
             with torch.no_grad():
                 for p in layer.parameters():
                     p.normal_(0, 0.02)
-            weights = {n: p for n, p in layer.state_dict().items()}
-        layer.load_state_dict(weights, strict=False)  # CE tables stay at their init (ones)
+            base_layer = layer
+        else:  # one set of weights for all configurations (and one copy in memory)
+            layer.experts = base_layer.experts
+            layer.router.weight = base_layer.router.weight
+        layers[name] = layer  # CE tables stay at their init (ones)
 
-        def fwd():
-            with torch.no_grad():
-                layer(x)
+    def fwd(layer):
+        with torch.no_grad():
+            layer(x)
 
-        def fwd_bwd():
-            xi = x.detach().requires_grad_(True)
-            out, _ = layer(xi)
-            out.sum().backward()
+    def fwd_bwd(layer):
+        out, _ = layer(x.detach().requires_grad_(True))
+        out.sum().backward()
 
-        results[name] = {
-            "fwd_ms": time_it(fwd, args.repeats, sync),
-            "fwd_bwd_ms": time_it(fwd_bwd, args.repeats, sync),
-        }
-        del layer
+    # Interleave configurations round by round so load changes on the machine hit all alike.
+    samples = {name: {"fwd_ms": [], "fwd_bwd_ms": []} for name in layers}
+    for rnd in range(args.repeats + 1):
+        for name, layer in layers.items():
+            for key, fn in (("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)):
+                ms = timed(lambda: fn(layer), sync)
+                if rnd > 0:  # round 0 is warm-up
+                    samples[name][key].append(ms)
+            layer.zero_grad(set_to_none=True)
+    results = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
     for r in results.values():
         r["fwd_ratio"] = r["fwd_ms"] / results[base]["fwd_ms"]
         r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / results[base]["fwd_bwd_ms"]

@@ -21,9 +21,13 @@ def _split(t: torch.Tensor, tokens_per_expert: List[int]):
     return torch.split(t, tokens_per_expert)
 
 
+def _use_grouped_gemm(x: torch.Tensor) -> bool:
+    return x.is_cuda and gg.grouped_gemm_is_available()
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
     """Rows of x grouped by expert times w[e] ([E, in, out]); grouped_gemm when it is usable."""
-    if gg.grouped_gemm_is_available() and x.is_cuda:
+    if _use_grouped_gemm(x):
         return gg.ops.gmm(
             x, w.contiguous(), torch.tensor(tokens_per_expert, dtype=torch.long), trans_b=False
         )
@@ -110,7 +114,16 @@ class CEGroupedMLP(CEExpertsMixin, GroupedMLP):
         d = self.config.hidden_size
         w1 = self.weight1.view(self.num_local_experts, d, -1)
         f = w1.shape[-1] // 2
-        return grouped_mm(x_gate, w1[..., :f], tpe), grouped_mm(x_up, w1[..., f:], tpe)
+        if _use_grouped_gemm(x_gate):
+            return grouped_mm(x_gate, w1[..., :f], tpe), grouped_mm(x_up, w1[..., f:], tpe)
+        # Per expert, chunk (not w1[..., :f]): chunk's backward is one cat, while each of the two
+        # slices' backward would zero-fill and copy a weight-sized gradient.
+        gates, ups = [], []
+        for w, xg, xu in zip(w1.unbind(0), _split(x_gate, tpe), _split(x_up, tpe)):
+            w_g, w_u = w.chunk(2, dim=1)
+            gates.append(xg @ w_g)
+            ups.append(xu @ w_u)
+        return torch.cat(gates), torch.cat(ups)
 
     def _ce_fc2(self, h, tpe, probs):
         w2 = self.weight2.view(self.num_local_experts, -1, self.config.hidden_size)

@@ -21,7 +21,6 @@ Note: DCP's own `.metadata` file is a pickle (torch's format): read megatron che
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import os

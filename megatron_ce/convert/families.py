@@ -5,7 +5,7 @@ A new family is a new module with a `Family(...)` and a `register()` call, not n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from megatron_ce.convert.hf_io import FusedExperts
@@ -22,16 +22,33 @@ class CETables:
     reference_probe: Optional[str] = None  # HF name (layer 0) whose presence marks a reference ckpt
 
 
+def moe_context(config) -> Context:
+    """The Context of a GPT-style MoE TransformerConfig (what the typed mappings need)."""
+    return Context(
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups or config.num_attention_heads,
+        head_dim=config.kv_channels,
+        hidden_size=config.hidden_size,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+        num_experts=config.num_moe_experts,
+    )
+
+
+def layer_expert_ranges(config) -> Dict[str, int]:
+    """Values of the {layer} and {expert} placeholders in the name tables."""
+    return {"layer": config.num_layers, "expert": config.num_moe_experts}
+
+
 @dataclass
 class Family:
     model_type: str
     architectures: Sequence[str]
     # hf_config dict, k_a, variant, config overrides -> mcore model (built in the current parallel state)
     build_model: Callable[..., Any]
-    context: Callable[[Any], Context]  # TransformerConfig -> Context
     table: Callable[[Any], List[Mapping]]  # TransformerConfig -> base mappings (both directions)
     ce: CETables
-    ranges: Callable[[Any], Dict[str, int]]  # TransformerConfig -> placeholder ranges
+    context: Callable[[Any], Context] = moe_context  # TransformerConfig -> Context
+    ranges: Callable[[Any], Dict[str, int]] = layer_expert_ranges  # placeholder ranges
     fused_experts: Sequence[FusedExperts] = ()
     hf_aliases: Sequence[Tuple[str, str]] = ()  # (regex, replacement) applied to names on disk
     hf_ignore: Sequence[str] = ()  # regexes of HF tensors that are not weights (buffers)

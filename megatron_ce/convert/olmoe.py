@@ -72,21 +72,6 @@ def reference_import():
     ]
 
 
-def context(config) -> Context:
-    return Context(
-        num_attention_heads=config.num_attention_heads,
-        num_query_groups=config.num_query_groups or config.num_attention_heads,
-        head_dim=config.kv_channels,
-        hidden_size=config.hidden_size,
-        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
-        num_experts=config.num_moe_experts,
-    )
-
-
-def ranges(config):
-    return {"layer": config.num_layers, "expert": config.num_moe_experts}
-
-
 def build_model(hf_config, moe_ce_num_compressed=0, moe_ce_variant="ia3", **overrides):
     from megatron_ce.models.olmoe import build_olmoe_model
 
@@ -103,10 +88,8 @@ OLMOE = register(
         model_type="olmoe",
         architectures=("OlmoeForCausalLM",),
         build_model=build_model,
-        context=context,
         table=table,
         ce=CETables(CE_MEGATRON, CE_HF, reference=reference_import, reference_probe=REFERENCE_CES.format(layer=0)),
-        ranges=ranges,
         # transformers 5.x in-memory layout, should it be found on disk.
         fused_experts=(
             FusedExperts(

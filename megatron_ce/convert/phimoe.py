@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from megatron_ce.convert.families import CETables, Family, register
 from megatron_ce.convert.hf_io import FusedExperts
-from megatron_ce.convert.mapping import QKV, Context, Direct, GatedMLP, Router
+from megatron_ce.convert.mapping import QKV, Direct, GatedMLP, Router
 
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
@@ -69,21 +69,6 @@ CE_HF = {
 }
 
 
-def context(config) -> Context:
-    return Context(
-        num_attention_heads=config.num_attention_heads,
-        num_query_groups=config.num_query_groups or config.num_attention_heads,
-        head_dim=config.kv_channels,
-        hidden_size=config.hidden_size,
-        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
-        num_experts=config.num_moe_experts,
-    )
-
-
-def ranges(config):
-    return {"layer": config.num_layers, "expert": config.num_moe_experts}
-
-
 def build_model(hf_config, moe_ce_num_compressed=0, moe_ce_variant="ia3", **overrides):
     from megatron_ce.models.phimoe import build_phimoe_model
 
@@ -102,11 +87,9 @@ PHIMOE = register(
         model_type="phimoe",
         architectures=("PhimoeForCausalLM",),
         build_model=build_model,
-        context=context,
         table=table,
         # The reference CE code is OLMoE-only (and its `ces` [n, 3, d] cannot hold Phi's ffn 6400 > d).
         ce=CETables(CE_MEGATRON, CE_HF),
-        ranges=ranges,
         # transformers 5.x in-memory names, should they be found on disk: renamed to the 4.x block,
         # then the fused expert tensors are split per expert (gate_up_proj = [w1; w3]).
         hf_aliases=(

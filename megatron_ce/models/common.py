@@ -86,3 +86,18 @@ def build_gpt_model(
         post_process=post_process,
         **kwargs,
     )
+
+
+def base_gpt_layer_spec(config, *, qk_layernorm: bool, normalization: str, use_te: bool = False):
+    """megatron-core's GPT layer spec (TE or local) for an MoE config; families edit a copy of it."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    common = dict(
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=config.moe_grouped_gemm,
+        qk_layernorm=qk_layernorm,
+        moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
+    )
+    if use_te:  # the TE spec takes its norm type from the config
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
+    return gpt_layer_specs.get_gpt_layer_local_spec(**common, normalization=normalization)

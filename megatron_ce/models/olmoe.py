@@ -37,6 +37,7 @@ from megatron_ce.ce import CETransformerConfig, to_ce_layer_spec
 from megatron_ce.ce.config import ConfigError
 from megatron_ce.models.common import (
     HFConfigLike,
+    base_gpt_layer_spec,
     build_gpt_model,
     hf_config_dict,
     require,
@@ -247,23 +248,9 @@ def olmoe_layer_spec(
 ) -> ModuleSpec:
     """GPT layer spec for OLMoE: mcore's local (or TE) spec with full-width QK-norm; a CE spec when
     `ce` (default: config.moe_ce_num_compressed > 0)."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    if use_te:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts,
-            moe_grouped_gemm=config.moe_grouped_gemm,
-            qk_layernorm=True,
-            moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
-        )
-    else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(
-            num_experts=config.num_moe_experts,
-            moe_grouped_gemm=config.moe_grouped_gemm,
-            qk_layernorm=True,
-            moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
-            normalization="RMSNorm",
-        )
+    spec = base_gpt_layer_spec(
+        config, qk_layernorm=True, normalization="RMSNorm", use_te=use_te
+    )
     spec = copy.copy(spec)
     layer_sub = copy.copy(spec.submodules)
     attn = copy.copy(layer_sub.self_attention)

@@ -67,7 +67,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ce.ce import CERouterMixin, CETransformerConfig, to_ce_layer_spec
 from megatron_ce.ce.config import ConfigError
-from megatron_ce.models.common import HFConfigLike, check_divisible, hf_config_dict, require, rope_theta
+from megatron_ce.models.common import (
+    HFConfigLike,
+    base_gpt_layer_spec,
+    check_divisible,
+    hf_config_dict,
+    require,
+    rope_theta,
+)
 
 MODEL_TYPE = "phimoe"
 
@@ -423,23 +430,9 @@ def phimoe_layer_spec(
 ) -> ModuleSpec:
     """GPT layer spec for Phi-MoE (see module docstring); a CE spec when `ce` (default:
     config.moe_ce_num_compressed > 0)."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    if use_te:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts,
-            moe_grouped_gemm=config.moe_grouped_gemm,
-            qk_layernorm=False,
-            moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
-        )
-    else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(
-            num_experts=config.num_moe_experts,
-            moe_grouped_gemm=config.moe_grouped_gemm,
-            qk_layernorm=False,
-            moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
-            normalization="LayerNorm",
-        )
+    spec = base_gpt_layer_spec(
+        config, qk_layernorm=False, normalization="LayerNorm", use_te=use_te
+    )
     spec = copy.copy(spec)
     layer_sub = copy.copy(spec.submodules)
     attn = copy.copy(layer_sub.self_attention)
