@@ -28,6 +28,16 @@ CE_MODELING = {
             "AutoModelForCausalLM": "modeling_olmoe_ce.OlmoeCEForCausalLM",
         },
     ),
+    "phimoe": (
+        "phimoe_ce",
+        ("configuration_phimoe_ce.py", "modeling_phimoe_ce.py"),
+        ["PhimoeCEForCausalLM"],
+        {
+            "AutoConfig": "configuration_phimoe_ce.PhimoeCEConfig",
+            "AutoModel": "modeling_phimoe_ce.PhimoeCEModel",
+            "AutoModelForCausalLM": "modeling_phimoe_ce.PhimoeCEForCausalLM",
+        },
+    ),
 }
 
 

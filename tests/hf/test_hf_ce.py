@@ -273,9 +273,9 @@ def test_modeling_files_are_self_contained():
 def test_install_ce_modeling_unknown_family_warns(tmp_path):
     from megatron_ce.hf import base_model_type, install_ce_modeling
 
-    conf = {"model_type": "phimoe"}
-    with pytest.warns(UserWarning, match="no HF CE modeling code for model_type 'phimoe'"):
-        assert install_ce_modeling(tmp_path, conf, "phimoe") == {"model_type": "phimoe"}
+    conf = {"model_type": "mixtral"}
+    with pytest.warns(UserWarning, match="no HF CE modeling code for model_type 'mixtral'"):
+        assert install_ce_modeling(tmp_path, conf, "mixtral") == {"model_type": "mixtral"}
     assert not os.listdir(tmp_path)
     assert base_model_type("olmoe_ce") == "olmoe" and base_model_type("phimoe") == "phimoe"
 

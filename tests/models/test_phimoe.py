@@ -483,8 +483,7 @@ def test_parity_alltoall_and_ce_tp2_ep2(tmp_path, monkeypatch):
 
 
 def test_ce_tables_export_and_reimport(world1, tmp_path):
-    """A CE checkpoint exports its tables under block_sparse_moe.ce.* and converts back from them
-    (no HF CE modeling code for Phi-MoE yet: the export warns and keeps the stock model_type)."""
+    """A CE checkpoint exports its tables under block_sparse_moe.ce.* and converts back from them."""
     import warnings
 
     from megatron_ce.convert import convert_hf_to_megatron, convert_megatron_to_hf
