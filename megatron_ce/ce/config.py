@@ -6,11 +6,13 @@ megatron-core's own (assert-based) validation runs.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 CE_VARIANTS = ("ia3", "hidden")
+CE_SPLITS = ("fixed", "mass")
 
 
 class ConfigError(ValueError):
@@ -30,10 +32,19 @@ class CETransformerConfig(TransformerConfig):
     moe_ce_variant: "ia3" (default; what the released code trains: per-expert vectors scaling the
         gate-, up- and down-projection inputs) or "hidden" (the paper's equation: one vector per
         expert scaling the hidden state before the main experts).
+    moe_ce_split: "fixed" (k_m = k - k_a main experts for every token) or "mass" (per token, the
+        smallest prefix of the ranked top-k whose share of the top-k router mass reaches
+        moe_ce_main_mass runs; the rest of the top-k are compressed), bounded by moe_ce_min_main
+        and moe_ce_max_main. With "mass", moe_ce_num_compressed is the most compressed experts a
+        token can have, k - moe_ce_min_main (either may be given; the other is derived).
     """
 
     moe_ce_num_compressed: int = 0
     moe_ce_variant: str = "ia3"
+    moe_ce_split: str = "fixed"
+    moe_ce_main_mass: float = 0.5
+    moe_ce_min_main: Optional[int] = None
+    moe_ce_max_main: Optional[int] = None
 
     def __post_init__(self):
         validate_layout(self)
@@ -84,13 +95,20 @@ def validate_layout(cfg: TransformerConfig):
 
 
 def validate_ce(cfg: TransformerConfig):
-    """Rules of DESIGN.md §1 for the CE fields."""
-    k_a = getattr(cfg, "moe_ce_num_compressed", 0)
+    """Rules of DESIGN.md §1 for the CE fields (and, for the mass split, its derived bounds)."""
     variant = getattr(cfg, "moe_ce_variant", "ia3")
     _check(
         variant in CE_VARIANTS,
         f"--moe-ce-variant={variant!r} is unknown; choose one of {', '.join(CE_VARIANTS)}",
     )
+    split = getattr(cfg, "moe_ce_split", "fixed")
+    _check(
+        split in CE_SPLITS,
+        f"--moe-ce-split={split!r} is unknown; choose one of {', '.join(CE_SPLITS)}",
+    )
+    if split == "mass":
+        _resolve_mass_split(cfg)
+    k_a = getattr(cfg, "moe_ce_num_compressed", 0)
     _check(k_a >= 0, f"--moe-ce-num-compressed={k_a} must be >= 0")
     if k_a == 0:
         return
@@ -126,3 +144,31 @@ def validate_ce(cfg: TransformerConfig):
             cfg.gated_linear_unit and cfg.activation_func is F.silu,
             "--moe-ce-variant=ia3 needs SwiGLU experts (--swiglu)",
         )
+
+
+def _resolve_mass_split(cfg):
+    """Fill moe_ce_min_main / moe_ce_max_main / moe_ce_num_compressed for --moe-ce-split=mass."""
+    k = cfg.moe_router_topk
+    k_a = getattr(cfg, "moe_ce_num_compressed", 0) or 0
+    tau = getattr(cfg, "moe_ce_main_mass", 0.5)
+    _check(0.0 <= tau <= 1.0, f"--moe-ce-main-mass={tau} must be in [0, 1]")
+    min_main = getattr(cfg, "moe_ce_min_main", None)
+    if min_main is None:
+        min_main = k - k_a if k_a > 0 else 1
+    max_main = getattr(cfg, "moe_ce_max_main", None) or k
+    _check(
+        1 <= min_main < k,
+        f"--moe-ce-min-main={min_main} must be >= 1 and < --moe-router-topk={k}",
+    )
+    _check(
+        min_main <= max_main <= k,
+        f"--moe-ce-max-main={max_main} must be >= --moe-ce-min-main={min_main} and "
+        f"<= --moe-router-topk={k}",
+    )
+    _check(
+        k_a in (0, k - min_main),
+        f"--moe-ce-num-compressed={k_a} must equal --moe-router-topk - --moe-ce-min-main "
+        f"= {k - min_main} with --moe-ce-split=mass",
+    )
+    cfg.moe_ce_min_main, cfg.moe_ce_max_main = min_main, max_main
+    cfg.moe_ce_num_compressed = k - min_main  # compressed slots per token (at most)

@@ -46,10 +46,17 @@ class CompressedExperts(torch.nn.Module):
             for p in self.parameters():
                 p.fill_(1.0)
 
-    def mix(self, aux_idx, aux_w, tables):
-        """sum_j w_j * theta[idx_j] for each row, over the concatenated tables: [R, sum(widths)]."""
+    def mix(self, aux_idx, aux_w, tables, complement: bool = False):
+        """sum_j w_j * theta[idx_j] for each row, over the concatenated tables: [R, sum(widths)].
+
+        complement: add (1 - sum_j w_j), i.e. mix in the identity (theta = 1) with the weight the
+        aux experts leave over. Under the mass split a token without compressed experts has all
+        weights 0 and gets c = 1 (its main experts run unmodulated); otherwise the weights sum to 1.
+        """
         table = torch.cat(tables, dim=1) if len(tables) > 1 else tables[0]
-        return F.embedding_bag(aux_idx, table, per_sample_weights=aux_w.to(table.dtype), mode="sum")
+        w = aux_w.to(table.dtype)
+        c = F.embedding_bag(aux_idx, table, per_sample_weights=w, mode="sum")
+        return c + (1 - w.sum(-1, keepdim=True)) if complement else c
 
 
 class CEMoELayer(MoELayer):
@@ -60,6 +67,7 @@ class CEMoELayer(MoELayer):
         super().__init__(config, submodules, layer_number, pg_collection)
         self.ce_num_compressed = getattr(config, "moe_ce_num_compressed", 0)
         self.ce_variant = getattr(config, "moe_ce_variant", "ia3")
+        self.ce_complement = getattr(config, "moe_ce_split", "fixed") == "mass"
         self.ce = None
         self._ce_aux = None
         if self.ce_num_compressed > 0:
@@ -93,7 +101,7 @@ class CEMoELayer(MoELayer):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         if self.ce_variant == "hidden":
-            scale = self.ce.mix(aux_idx, aux_w, [self.ce.hidden])
+            scale = self.ce.mix(aux_idx, aux_w, [self.ce.hidden], self.ce_complement)
             flat = flat * scale.to(flat.dtype)
         else:
             # Integer indices are exact in fp32 and bf16 (< 256 experts) and fp16 (< 2048).
@@ -131,6 +139,6 @@ class CEMoELayer(MoELayer):
         tp, rank = self.expt_tp_group.size(), self.expt_tp_group.rank()
         f = self.config.moe_ffn_hidden_size // tp
         down = self.ce.down[:, rank * f : (rank + 1) * f] if tp > 1 else self.ce.down
-        c = self.ce.mix(aux_idx, aux_w, [self.ce.gate, self.ce.up, down])
+        c = self.ce.mix(aux_idx, aux_w, [self.ce.gate, self.ce.up, down], self.ce_complement)
         d = self.config.hidden_size
         return c.split([d, d, f], dim=-1)

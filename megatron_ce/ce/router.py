@@ -31,18 +31,43 @@ class CERouterMixin:
     def split_main_aux(
         self, probs: torch.Tensor, routing_map: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (main_probs [T,E], main_map [T,E] bool, aux_idx [T,k_a] long, aux_w [T,k_a])."""
-        k_a = self.ce_num_compressed
+        """Returns (main_probs [T,E], main_map [T,E] bool, aux_idx [T,S] long, aux_w [T,S]).
+
+        S = moe_ce_num_compressed slots. Fixed split: every slot is an auxiliary expert. Mass
+        split: the slots are ranks k-S..k-1, and a slot whose rank runs as a main expert for this
+        token has weight 0 (a token with no compressed experts has all-zero weights).
+        """
+        k, slots = self.topk, self.ce_num_compressed
         ranked = self.rank_selected(probs, routing_map)
-        main_idx, aux_idx = ranked[:, : self.topk - k_a], ranked[:, self.topk - k_a :]
-        main_map = torch.zeros_like(routing_map).scatter_(1, main_idx, True)
+        aux_idx = ranked[:, k - slots :]
+        if getattr(self.config, "moe_ce_split", "fixed") == "mass":
+            p_ranked = probs.gather(1, ranked)
+            is_main = torch.arange(k, device=probs.device) < self.mass_num_main(p_ranked)[:, None]
+            main_map = torch.zeros_like(routing_map).scatter_(1, ranked, is_main)
+            is_aux = ~is_main[:, k - slots :]
+            aux_p = p_ranked[:, k - slots :] * is_aux
+            fallback = is_aux / is_aux.sum(-1, keepdim=True).clamp_min(1)
+        else:
+            main_map = torch.zeros_like(routing_map).scatter_(1, ranked[:, : k - slots], True)
+            aux_p = probs.gather(1, aux_idx)
+            fallback = 1.0 / slots
         # Main experts keep the weight the base model gives them (no renormalisation).
         main_probs = probs * main_map
-        aux_p = probs.gather(1, aux_idx)
         # Renormalise among the aux experts; an all-zero aux mass (fp underflow) gets equal weights.
         denom = aux_p.sum(-1, keepdim=True)
-        aux_w = torch.where(denom > 0, aux_p / denom.clamp_min(1e-30), 1.0 / k_a)
+        aux_w = torch.where(denom > 0, aux_p / denom.clamp_min(1e-30), fallback)
         return main_probs, main_map, aux_idx, aux_w
+
+    def mass_num_main(self, p_ranked: torch.Tensor) -> torch.Tensor:
+        """Main experts per token [T]: the shortest ranked prefix holding a share >= tau of the
+        top-k router mass, clamped to [moe_ce_min_main, moe_ce_max_main]."""
+        cfg, k = self.config, self.topk
+        if cfg.moe_ce_main_mass >= 1.0:  # exact, whatever the rounding of the cumulative sum
+            n = torch.full(p_ranked.shape[:1], k, dtype=torch.long, device=p_ranked.device)
+        else:
+            cum = p_ranked.detach().cumsum(-1)
+            n = 1 + (cum[:, :-1] < cfg.moe_ce_main_mass * cum[:, -1:]).sum(-1)
+        return n.clamp(cfg.moe_ce_min_main, cfg.moe_ce_max_main)
 
     def route_ce(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Route and split: (main_probs, main_map, aux_idx, aux_w), tokens flattened to [T, ...]."""

@@ -46,6 +46,12 @@ def test_ce_hidden_ep2_alltoall(tmp_path):
     _check(tmp_path, dict(ep=2, dispatcher="alltoall"), HIDDEN)
 
 
+def test_ce_mass_split_ep2_alltoall(tmp_path):
+    """Adaptive split (near-uniform router at init: tau 0.5 sits between 2 and 3 main experts)."""
+    mass = {**CE, "moe_ce_split": "mass", "moe_ce_main_mass": 0.5, "moe_ce_num_compressed": 3}
+    _check(tmp_path, dict(ep=2, dispatcher="alltoall"), mass)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "layout,config",
