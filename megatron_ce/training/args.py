@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-ce-num-compressed", type=int, default=None,
                    help="k_a compressed experts per token (0 = off; default: the checkpoint's / 0)")
     g.add_argument("--moe-ce-variant", choices=("ia3", "hidden"), default=None, help="default: ia3")
+    g.add_argument("--moe-ce-split", choices=("fixed", "mass"), default="fixed",
+                   help="fixed: k - k_a main experts per token; mass: per token, the shortest ranked "
+                        "prefix holding --moe-ce-main-mass of the top-k router mass runs")
+    g.add_argument("--moe-ce-main-mass", type=float, default=0.5, help="tau of --moe-ce-split mass")
+    g.add_argument("--moe-ce-min-main", type=int, default=None,
+                   help="mass split: fewest main experts (default: top-k - k_a, or 1)")
+    g.add_argument("--moe-ce-max-main", type=int, default=None,
+                   help="mass split: most main experts (default: top-k)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -51,6 +51,8 @@ class RoutingStats:
         self.score_sum = torch.zeros(L, E, dtype=torch.float64)
         self.aux_mass = torch.zeros(L, dtype=torch.float64)
         self.tokens = torch.zeros(L, dtype=torch.float64)
+        # tokens with m main experts, m = 0..E (varies per token under --moe-ce-split mass)
+        self.n_main_hist = torch.zeros(L, E + 1, dtype=torch.float64)
 
     def _hook(self, layer_number: int):
         def hook(router, inputs, output):
@@ -63,13 +65,15 @@ class RoutingStats:
                 self.tokens[i] += T
                 self.topk_load[i] += routing_map.sum(0).double().cpu()
                 if getattr(router, "ce_num_compressed", 0) > 0:
-                    _, main_map, aux_idx, _ = router.split_main_aux(probs, routing_map)
+                    _, main_map, _, _ = router.split_main_aux(probs, routing_map)
                     routed = (probs * routing_map).sum(-1).double()
-                    aux = probs.gather(1, aux_idx).sum(-1).double()
+                    aux = routed - (probs * main_map).sum(-1).double()  # the top-k mass not run
                     self.aux_mass[i] += (aux / routed.clamp_min(1e-30)).sum().cpu()
                 else:
                     main_map = routing_map
                 self.main_load[i] += main_map.sum(0).double().cpu()
+                n_main = main_map.sum(-1)
+                self.n_main_hist[i] += torch.bincount(n_main, minlength=self.E + 1).double().cpu()
                 # Full softmax scores for the load-balancing statistic (the router's probs are
                 # only defined on the selected experts).
                 x = inputs[0].reshape(-1, inputs[0].shape[-1])
@@ -80,10 +84,12 @@ class RoutingStats:
     def reduce_and_reset(self, topk: int, aux_coeff: float) -> Dict[str, List[float]]:
         """Collective (all ranks). Per-layer lists (MoE layers only), then resets the counters."""
         flat = torch.cat([self.main_load.flatten(), self.topk_load.flatten(), self.score_sum.flatten(),
-                          self.aux_mass, self.tokens])
+                          self.aux_mass, self.tokens, self.n_main_hist.flatten()])
         torch.distributed.all_reduce(flat)
         L, E = self.L, self.E
-        main, topk_load, scores, aux_mass, tokens = flat.split([L * E, L * E, L * E, L, L])
+        main, topk_load, scores, aux_mass, tokens, hist = flat.split(
+            [L * E, L * E, L * E, L, L, L * (E + 1)])
+        hist = hist.view(L, E + 1)
         main, topk_load, scores = main.view(L, E), topk_load.view(L, E), scores.view(L, E)
         self._reset()
         layers = [i for i in range(L) if tokens[i] > 0]
@@ -95,6 +101,10 @@ class RoutingStats:
             out.setdefault("load_max", []).append(float(load.max()))
             out.setdefault("load_cv", []).append(float(load.std(unbiased=False) / mean) if mean > 0 else 0.0)
             out.setdefault("aux_mass", []).append(float(aux_mass[i] / tokens[i]))
+            counts = hist[i]
+            out.setdefault("main_per_token", []).append(
+                float((counts * torch.arange(E + 1, dtype=counts.dtype)).sum() / counts.sum()))
+            out.setdefault("main_per_token_hist", []).append(counts.tolist())
             T = tokens[i]
             lb = float(E * (topk_load[i] / (T * topk) * scores[i] / T).sum())
             out.setdefault("lb_loss", []).append(lb)
@@ -189,15 +199,34 @@ class MetricsWriter:
         for k, v in m.items():
             self.scalar(f"train/{k}", v, step)
         if routing.get("layer"):
-            for key in ("load_min", "load_max", "load_cv", "aux_mass", "lb_loss", "aux_loss"):
+            for key in ("load_min", "load_max", "load_cv", "aux_mass", "main_per_token", "lb_loss",
+                        "aux_loss"):
                 vals = routing[key]
                 for n, v in zip(routing["layer"], vals):
                     self.scalar(f"moe/{key}/layer_{n:02d}", v, step)
                 self.scalar(f"moe/{key}", sum(vals) / len(vals), step)
+            if self.tb is not None:  # main experts per token: histogram per layer
+                for n, counts in zip(routing["layer"], routing["main_per_token_hist"]):
+                    self._histogram(f"moe/main_per_token_hist/layer_{n:02d}", counts, step)
         for name, s in theta.items():
             for n in range(s.shape[0]):
                 for k, stat in enumerate(("mean", "std", "min", "max")):
                     self.scalar(f"theta/{name}_{stat}/layer_{n + 1:02d}", float(s[n, k]), step)
+
+    def _histogram(self, tag: str, counts: List[float], step: int):
+        import numpy as np
+
+        c = np.asarray(counts, dtype=np.float64)
+        if c.sum() <= 0:
+            return
+        values = np.arange(len(c), dtype=np.float64)
+        used = np.nonzero(c)[0]
+        lo, hi = int(used.min()), int(used.max())
+        self.tb.add_histogram_raw(
+            tag, min=float(lo), max=float(hi), num=float(c.sum()), sum=float((c * values).sum()),
+            sum_squares=float((c * values**2).sum()),
+            bucket_limits=[v + 0.5 for v in range(lo, hi + 1)], bucket_counts=c[lo : hi + 1].tolist(),
+            global_step=step)
 
     def flush(self):
         if self.tb is not None:

@@ -86,7 +86,8 @@ def test_tensorboard_scalars(straight):
     root, stdout = straight
     tags = tb_scalars(root / "tb")
     expected = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/aux_loss",
-                "moe/load_min", "moe/load_max", "moe/load_cv", "moe/aux_mass", "moe/lb_loss", "moe/aux_loss",
+                "moe/load_min", "moe/load_max", "moe/load_cv", "moe/aux_mass", "moe/main_per_token",
+                "moe/lb_loss", "moe/aux_loss",
                 "eval/loss"]
     for layer in (1, 2):
         expected += [f"moe/load_cv/layer_{layer:02d}", f"moe/aux_mass/layer_{layer:02d}"]
@@ -99,6 +100,7 @@ def test_tensorboard_scalars(straight):
     # theta moves away from its init (ones) and the compressed experts get routing mass
     assert tags["theta/gate_max/layer_01"][ITERS] > 1.0 or tags["theta/gate_min/layer_01"][ITERS] < 1.0
     assert 0.0 < tags["moe/aux_mass"][ITERS] < 1.0
+    assert tags["moe/main_per_token"][ITERS] == 2.0  # fixed split: top-4 = 2 main + 2 compressed
     # the log line and where things are
     assert "| loss " in stdout and "aux mass" in stdout and "load cv" in stdout
     assert f"tensorboard --logdir {root / 'tb'}" in stdout
