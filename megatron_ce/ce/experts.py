@@ -71,24 +71,67 @@ class CEExpertsMixin:
         raise NotImplementedError
 
 
-def _linear_halves(x_gate, x_up, weight, bias):
-    """Gate and up halves of a fused [2F, d] fc1 weight applied to their own inputs."""
-    w_g, w_u = weight.chunk(2, dim=0)
-    b_g, b_u = bias.chunk(2) if bias is not None else (None, None)
-    return F.linear(x_gate, w_g, b_g), F.linear(x_up, w_u, b_u)
+def _halves(w: torch.Tensor, out_dim_first: bool):
+    """(W_g, W_u) as [in, F] views of a fused fc1 weight ([2F, in] if out_dim_first, else [in, 2F])."""
+    if out_dim_first:
+        w_g, w_u = w.chunk(2, dim=0)
+        return w_g.t(), w_u.t()
+    return w.chunk(2, dim=1)
+
+
+class _GateUpGEMM(torch.autograd.Function):
+    """Per expert e: g = x_gate_e @ W_g, u = x_up_e @ W_u, with [W_g | W_u] one fused fc1 weight.
+
+    Backward writes each expert's weight gradient straight into one tensor of the fused weight's
+    shape. Autograd through chunk/slice views of the weight would instead build the two halves'
+    gradients and then copy them into a fused one: an extra weight-sized copy per backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x_gate, x_up, tpe, out_dim_first, *weights):
+        ctx.tpe, ctx.out_dim_first = tpe, out_dim_first
+        ctx.save_for_backward(x_gate, x_up, *weights)
+        gates, ups = [], []
+        for w, xg, xu in zip(weights, _split(x_gate, tpe), _split(x_up, tpe)):
+            w_g, w_u = _halves(w, out_dim_first)
+            gates.append(xg @ w_g)
+            ups.append(xu @ w_u)
+        return torch.cat(gates), torch.cat(ups)
+
+    @staticmethod
+    def backward(ctx, d_gate, d_up):
+        x_gate, x_up, *weights = ctx.saved_tensors
+        tpe, odf = ctx.tpe, ctx.out_dim_first
+        dx_g, dx_u, dws = [], [], []
+        parts = zip(weights, *(_split(t, tpe) for t in (x_gate, x_up, d_gate, d_up)))
+        for w, xg, xu, dg, du in parts:
+            w_g, w_u = _halves(w, odf)
+            dw = torch.empty_like(w)
+            dw_g, dw_u = _halves(dw, odf)
+            torch.mm(xg.t(), dg, out=dw_g)
+            torch.mm(xu.t(), du, out=dw_u)
+            dws.append(dw)
+            dx_g.append(dg @ w_g.t())
+            dx_u.append(du @ w_u.t())
+        return torch.cat(dx_g), torch.cat(dx_u), None, None, *dws
+
+
+def gate_up_gemm(x_gate, x_up, weights, tpe, out_dim_first: bool):
+    """(x_gate @ W_g, x_up @ W_u) over experts' rows; weights: one fused fc1 weight per expert."""
+    return _GateUpGEMM.apply(x_gate, x_up, tuple(tpe), out_dim_first, *weights)
 
 
 class CESequentialMLP(CEExpertsMixin, SequentialMLP):
     """SequentialMLP with CE scales: one MLP module per local expert."""
 
     def _ce_fc1(self, x_gate, x_up, tpe):
-        gates, ups = [], []
-        for expert, xg, xu in zip(self.local_experts, _split(x_gate, tpe), _split(x_up, tpe)):
-            fc1 = expert.linear_fc1
-            g, u = _linear_halves(xg, xu, fc1.weight, fc1.bias)
-            gates.append(g)
-            ups.append(u)
-        return torch.cat(gates), torch.cat(ups)
+        fc1s = [expert.linear_fc1 for expert in self.local_experts]
+        gate, up = gate_up_gemm(x_gate, x_up, [fc1.weight for fc1 in fc1s], tpe, out_dim_first=True)
+        if fc1s[0].bias is not None:
+            f = gate.shape[-1]
+            gate = gate + torch.cat([fc1.bias[:f].expand(n, f) for fc1, n in zip(fc1s, tpe)])
+            up = up + torch.cat([fc1.bias[f:].expand(n, f) for fc1, n in zip(fc1s, tpe)])
+        return gate, up
 
     def _ce_fc2(self, h, tpe, probs):
         outs = []
@@ -116,14 +159,7 @@ class CEGroupedMLP(CEExpertsMixin, GroupedMLP):
         f = w1.shape[-1] // 2
         if _use_grouped_gemm(x_gate):
             return grouped_mm(x_gate, w1[..., :f], tpe), grouped_mm(x_up, w1[..., f:], tpe)
-        # Per expert, chunk (not w1[..., :f]): chunk's backward is one cat, while each of the two
-        # slices' backward would zero-fill and copy a weight-sized gradient.
-        gates, ups = [], []
-        for w, xg, xu in zip(w1.unbind(0), _split(x_gate, tpe), _split(x_up, tpe)):
-            w_g, w_u = w.chunk(2, dim=1)
-            gates.append(xg @ w_g)
-            ups.append(xu @ w_u)
-        return torch.cat(gates), torch.cat(ups)
+        return gate_up_gemm(x_gate, x_up, w1.unbind(0), tpe, out_dim_first=False)
 
     def _ce_fc2(self, h, tpe, probs):
         w2 = self.weight2.view(self.num_local_experts, -1, self.config.hidden_size)
