@@ -1,0 +1,159 @@
+"""Exact total and active parameter counts of an OLMoE / Phi-MoE model with and without CE.
+
+The megatron-core GPTModel is built on the meta device (no memory) and its parameters are sorted by
+name into three groups:
+  experts  `...mlp.experts...`  (per layer: n experts of equal size; k_m of them active per token)
+  ce       `...mlp.ce...`       (per layer: n tables of 2*d + ffn (ia3) or d (hidden); k_a active)
+  dense    everything else: embeddings, attention, norms, router, output layer (all active: every
+           token uses the router weights)
+active = dense + sum_layers (k_m * expert_size + k_a * ce_size).
+
+The paper's formula is the same sum with the paper's own non-MoE figure (Phi-MoE: "2.4B", an
+approximation; OLMoE: not stated, we use the exact non-expert count without the router, which
+reproduces its 1.28B / 878M) and 3*d*ffn per expert, 2*d+ffn per compressed expert.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron_ce.paper.configs import num_experts
+
+# The paper's stated figures (arXiv 2503.00634) and its non-MoE approximation.
+PAPER = {
+    "phimoe": dict(topk=2, k_a=1, active_base=7.45e9, active_ce=4.93e9, reduction_pct=33.8, non_moe=2.4e9),
+    "olmoe": dict(topk=8, k_a=4, active_base=1.28e9, active_ce=878e6, reduction_pct=31.4, non_moe=None),
+}
+
+
+def _is_released(family: str, cfg: Dict[str, Any]) -> bool:
+    from megatron_ce.paper.configs import BUILTIN
+
+    ref = BUILTIN[family]
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+    return all(cfg.get(k) == ref[k] for k in keys) and num_experts(cfg) == num_experts(ref)
+
+
+def build_meta_model(family: str, cfg: Dict[str, Any], k_a: int = 0, variant: str = "ia3"):
+    """The megatron-core model of `cfg` on the meta device (parallel state must be initialised)."""
+    if family == "olmoe":
+        from megatron_ce.models.olmoe import build_olmoe_model as build
+    else:
+        from megatron_ce.models.phimoe import build_phimoe_model as build
+    with torch.device("meta"):
+        return build(cfg, moe_ce_num_compressed=k_a, moe_ce_variant=variant)
+
+
+def group_counts(model) -> Dict[str, int]:
+    """{"dense", "experts", "ce", "router"} parameter counts of a model (router is part of dense)."""
+    out = dict(dense=0, experts=0, ce=0, router=0)
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if ".mlp.experts." in name:
+            out["experts"] += n
+        elif ".mlp.ce." in name:
+            out["ce"] += n
+        else:
+            out["dense"] += n
+            if ".mlp.router." in name:
+                out["router"] += n
+    return out
+
+
+def count_params(
+    family: str,
+    cfg: Dict[str, Any],
+    topk: Optional[int] = None,
+    k_a: int = 0,
+    variant: str = "ia3",
+) -> Dict[str, Any]:
+    """Exact counts for top-`topk` (default: the config's) without CE, and with k_a of them compressed."""
+    n = num_experts(cfg)
+    L = int(cfg["num_hidden_layers"])
+    d, ffn = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    topk = int(topk or cfg["num_experts_per_tok"])
+    if not 0 <= k_a < topk:
+        raise ValueError(f"--moe-ce-num-compressed={k_a} must be in [0, topk={topk})")
+    if topk > n:
+        raise ValueError(f"--moe-router-topk={topk} > {n} experts")
+    k_m = topk - k_a
+    # CE table sizes do not depend on k_a (>0): build with k_a=1 so any config top-k >= 2 is valid.
+    # The router's top-k has no parameters, so the config's own top-k is used to build.
+    g = group_counts(build_meta_model(family, cfg, k_a=1 if k_a else 0, variant=variant))
+    expert_size = g["experts"] // (L * n)
+    ce_size = g["ce"] // (L * n)
+    assert expert_size * L * n == g["experts"] and ce_size * L * n == g["ce"]
+
+    def active(k_main, k_aux):
+        return g["dense"] + L * (k_main * expert_size + k_aux * ce_size)
+
+    res: Dict[str, Any] = dict(
+        model=family, layers=L, hidden=d, ffn=ffn, experts=n, topk=topk, k_main=k_m, k_aux=k_a,
+        variant=variant if k_a else None,
+        dense_params=g["dense"], router_params=g["router"], expert_params_each=expert_size,
+        ce_params_each=ce_size,
+        total_base=g["dense"] + g["experts"],
+        total_ce=g["dense"] + g["experts"] + (g["ce"] if k_a else 0),
+        active_base=active(topk, 0),
+        active_topk_main=active(k_m, 0),
+        active_ce=active(k_m, k_a),
+    )
+    res["reduction_pct"] = 100.0 * (res["active_base"] - res["active_ce"]) / res["active_base"]
+
+    # the paper's formula: non-MoE + L * (k_m * 3*d*ffn + k_a * (2d + ffn))
+    paper = PAPER.get(family, {}) if _is_released(family, cfg) else {}
+    non_moe = paper.get("non_moe") or (g["dense"] - g["router"])
+    p_base = non_moe + L * topk * 3 * d * ffn
+    p_ce = non_moe + L * (k_m * 3 * d * ffn + k_a * (2 * d + ffn))
+    res["formula"] = dict(
+        non_moe=int(non_moe), non_moe_source="paper's approximation" if paper.get("non_moe") else
+        "exact non-expert params without the router",
+        active_base=int(p_base), active_ce=int(p_ce), reduction_pct=100.0 * (p_base - p_ce) / p_base,
+    )
+    if paper and topk == paper["topk"] and k_a == paper["k_a"] and variant == "ia3":
+        res["paper_stated"] = {k: paper[k] for k in ("active_base", "active_ce", "reduction_pct")}
+    return res
+
+
+def format_report(r: Dict[str, Any]) -> str:
+    def n(x):
+        return f"{int(x):,}"
+
+    lines = [
+        f"model {r['model']}: {r['layers']} layers, d {r['hidden']}, ffn {r['ffn']}, {r['experts']} experts, "
+        f"top-{r['topk']} -> {r['k_main']} main + {r['k_aux']} compressed"
+        + (f" ({r['variant']})" if r["variant"] else ""),
+        f"  per expert {n(r['expert_params_each'])}, per compressed expert {n(r['ce_params_each'])}, "
+        f"dense (non-expert, incl. router {n(r['router_params'])}) {n(r['dense_params'])}",
+        "",
+        f"  {'':34s} {'exact (model)':>16s} {'paper formula':>16s} {'paper stated':>14s}",
+    ]
+    f, ps = r["formula"], r.get("paper_stated", {})
+
+    def row(label, exact, formula=None, stated=None):
+        fs = n(formula) if formula is not None else ""
+        ss = f"{stated / 1e9:.3g}B" if stated is not None and stated >= 1e9 else (
+            f"{stated / 1e6:.3g}M" if stated is not None else "")
+        lines.append(f"  {label:34s} {n(exact):>16s} {fs:>16s} {ss:>14s}")
+
+    row("total, no CE", r["total_base"])
+    row("total, with CE", r["total_ce"])
+    row(f"active, top-{r['topk']}", r["active_base"], f["active_base"], ps.get("active_base"))
+    row(f"active, top-{r['k_main']} (no CE)", r["active_topk_main"])
+    row(f"active, top-{r['k_main']} + {r['k_aux']} CE", r["active_ce"], f["active_ce"], ps.get("active_ce"))
+    red_s = f"-{ps['reduction_pct']:.1f}%" if ps else ""
+    lines.append(f"  {'active reduction':34s} {'-%.1f%%' % r['reduction_pct']:>16s} "
+                 f"{'-%.1f%%' % f['reduction_pct']:>16s} {red_s:>14s}")
+    lines.append(f"  paper formula non-MoE = {n(f['non_moe'])} ({f['non_moe_source']})")
+    diff = f["non_moe"] - r["dense_params"]
+    if diff:
+        why = (
+            "the paper approximates the non-MoE parameters (embeddings, attention, norms, lm_head) as "
+            f"2.4B; the model has {n(r['dense_params'])} (incl. router)"
+            if r["model"] == "phimoe" and "approximation" in f["non_moe_source"]
+            else "the paper's figures leave out the router weights, which every token uses (counted here)"
+        )
+        lines.append(f"  exact - formula = {n(r['active_base'] - f['active_base'])} (top-{r['topk']}): {why}")
+    return "\n".join(lines)
