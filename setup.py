@@ -28,6 +28,6 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "grouped_gemm"],
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "matplotlib"],
     },
 )
