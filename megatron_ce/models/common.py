@@ -101,3 +101,20 @@ def base_gpt_layer_spec(config, *, qk_layernorm: bool, normalization: str, use_t
     if use_te:  # the TE spec takes its norm type from the config
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
     return gpt_layer_specs.get_gpt_layer_local_spec(**common, normalization=normalization)
+
+
+def parallel_sizes() -> Dict[str, Any]:
+    """TransformerConfig parallel fields of the initialised parallel state ({} before init); SP on
+    with TP, as megatron-core's MoE requires."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {}
+    tp = ps.get_tensor_model_parallel_world_size()
+    return dict(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+        sequence_parallel=tp > 1,
+    )

@@ -38,6 +38,7 @@ from megatron_ce.ce.config import ConfigError
 from megatron_ce.models.common import (
     HFConfigLike,
     base_gpt_layer_spec,
+    parallel_sizes,
     build_gpt_model,
     hf_config_dict,
     require,
@@ -149,21 +150,6 @@ class OlmoeSelfAttention(SelfAttention):
 # ------------------------------------------------------------------------------------------
 
 
-def _parallel_sizes() -> Dict[str, Any]:
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return {}
-    tp = ps.get_tensor_model_parallel_world_size()
-    return dict(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-        sequence_parallel=tp > 1,
-    )
-
-
 def check_olmoe_config(cfg: Dict[str, Any]) -> None:
     """Errors for OLMoE config values this implementation does not cover."""
     mt = cfg.get("model_type", MODEL_TYPE)
@@ -230,7 +216,7 @@ def olmoe_transformer_config(
         moe_ce_num_compressed=moe_ce_num_compressed,
         moe_ce_variant=moe_ce_variant,
     )
-    kw.update(_parallel_sizes())
+    kw.update(parallel_sizes())
     kw.update(overrides)
     if kw.get("pipeline_model_parallel_size", 1) > 1 and kw.get("pipeline_dtype") is None:
         kw["pipeline_dtype"] = kw.get("params_dtype") or (

@@ -70,6 +70,7 @@ from megatron_ce.ce.config import ConfigError
 from megatron_ce.models.common import (
     HFConfigLike,
     base_gpt_layer_spec,
+    parallel_sizes,
     check_divisible,
     hf_config_dict,
     require,
@@ -153,21 +154,6 @@ def check_phimoe_config(cfg: Dict[str, Any]) -> None:
                 raise ConfigError(f"Phi-MoE longrope {key} has {len(rope[key])} entries, head_dim/2 = {half}")
 
 
-def _parallel_sizes() -> Dict[str, Any]:
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return {}
-    tp = ps.get_tensor_model_parallel_world_size()
-    return dict(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-        sequence_parallel=tp > 1,
-    )
-
-
 def phimoe_transformer_config(
     hf_config: HFConfigLike,
     *,
@@ -216,7 +202,7 @@ def phimoe_transformer_config(
         phimoe_input_jitter_noise=float(cfg.get("input_jitter_noise", 0.0) or 0.0),
         phimoe_lm_head_bias=bool(cfg.get("lm_head_bias", False)),
     )
-    kw.update(_parallel_sizes())
+    kw.update(parallel_sizes())
     kw.update(overrides)
     if kw.get("moe_expert_capacity_factor") is not None:
         raise ConfigError("--moe-expert-capacity-factor is not supported with Phi-MoE's sparsemixer router")
