@@ -71,18 +71,25 @@ def load_safetensors_dir(path: str) -> Dict[str, torch.Tensor]:
     return out
 
 
-def build_and_load(hf_config: dict, ckpt_dir: str, ce: int = 0, variant: str = "ia3", **overrides):
-    """OLMoE mcore model for the current parallel state, weights from a dist checkpoint."""
+def load_built_model(build_fn, hf_config: dict, ckpt_dir: str, ce: int = 0, variant: str = "ia3",
+                     **overrides):
+    """`build_fn(hf_config, ...)` (a family's build_*_model) for the current parallel state, weights
+    from a dist checkpoint, in eval mode with gathered logits."""
     from megatron.core import dist_checkpointing
 
-    from megatron_ce.models.olmoe import build_olmoe_model
-
-    model = build_olmoe_model(
+    model = build_fn(
         hf_config, moe_ce_num_compressed=ce, moe_ce_variant=variant, parallel_output=False, **overrides
     )
     state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
     model.load_state_dict(state)
     return model.eval()
+
+
+def build_and_load(hf_config: dict, ckpt_dir: str, ce: int = 0, variant: str = "ia3", **overrides):
+    """OLMoE mcore model for the current parallel state, weights from a dist checkpoint."""
+    from megatron_ce.models.olmoe import build_olmoe_model
+
+    return load_built_model(build_olmoe_model, hf_config, ckpt_dir, ce, variant, **overrides)
 
 
 def mcore_logits(model, ids) -> Optional[torch.Tensor]:

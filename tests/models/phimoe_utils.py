@@ -82,16 +82,11 @@ def make_hf_model(config, seed: int = 0):
 
 def build_and_load(hf_config: dict, ckpt_dir: str, ce: int = 0, variant: str = "ia3", **overrides):
     """Phi-MoE mcore model for the current parallel state, weights from a dist checkpoint."""
-    from megatron.core import dist_checkpointing
-
     from megatron_ce.models.phimoe import build_phimoe_model
 
-    model = build_phimoe_model(
-        hf_config, moe_ce_num_compressed=ce, moe_ce_variant=variant, parallel_output=False, **overrides
-    )
-    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
-    model.load_state_dict(state)
-    return model.eval()
+    from tests.models.olmoe_utils import load_built_model
+
+    return load_built_model(build_phimoe_model, hf_config, ckpt_dir, ce, variant, **overrides)
 
 
 def layouts_rank_fn(rank, world_size, runs: List[dict], hf_config: dict, ids_list, save_root: Optional[str]):
