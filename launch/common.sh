@@ -1,6 +1,8 @@
 # Shared body of launch/sft_*_ce.sh (sourced after the model script sets its defaults).
 # Validates the layout (launch/plan.py) before torchrun starts, prints the per-GPU memory estimate,
 # then runs (or, with DRY_RUN=1, prints) the torchrun command.
+# CPU / smoke runs: MODEL_CONFIG (random init from an HF config.json instead of PRETRAINED),
+# PRECISION=fp32, GROUPED_GEMM=0, TRANSFORMER_IMPL=local (gloo is picked when there is no GPU).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,11 +14,21 @@ PYTHON="${PYTHON:-python3}"
 : "${CE_VARIANT:=ia3}" "${DISPATCHER:=alltoall}" "${RECOMPUTE:=0}" "${TRANSFORMER_IMPL:=transformer_engine}"
 : "${SFT_FORMAT:=alpaca}" "${SFT_PACKING:=reference}" "${TASK:=math}" "${DATA_PATH:=}" "${EVAL_FRACTION:=0.01}"
 : "${SAVE_INTERVAL:=500}" "${LOG_INTERVAL:=10}" "${EVAL_INTERVAL:=200}" "${EXTRA_ARGS:=}" "${DRY_RUN:=0}"
-: "${PRETRAINED:?set PRETRAINED to the converted checkpoint (tools/convert_hf_to_megatron.py output)}"
+: "${TRAIN_ITERS:=}" "${PRECISION:=bf16}" "${GROUPED_GEMM:=1}" "${MODEL_CONFIG:=}" "${PRETRAINED:=}"
+# A dead or stuck rank makes the others fail after this many minutes instead of torch's 30 (README).
+: "${DIST_TIMEOUT_MINUTES:=10}"
+# On SIGTERM (preemption) the ranks finish the iteration and save; torchrun waits this long for them.
+: "${SHUTDOWN_TIMEOUT:=300}"
+if [[ -z "${PRETRAINED}" && -z "${MODEL_CONFIG}" ]]; then
+    echo "launch: error: set PRETRAINED to the converted checkpoint (tools/convert_hf_to_megatron.py output), or MODEL_CONFIG to an HF config.json for a random init" >&2; exit 1
+fi
+if [[ "${PRECISION}" != bf16 && "${PRECISION}" != fp32 ]]; then
+    echo "launch: error: PRECISION=${PRECISION} must be bf16 or fp32" >&2; exit 1
+fi
 : "${TOKENIZER:?set TOKENIZER to the HF model folder or hub name (its tokenizer)}"
 : "${SAVE:=${REPO}/checkpoints/${RUN_NAME}}" "${TENSORBOARD_DIR:=${SAVE}/tensorboard}"
 
-for v in NNODES NODE_RANK GPUS_PER_NODE TP PP EP SEQ_LENGTH GLOBAL_BATCH MICRO_BATCH N_CE MASTER_PORT; do
+for v in NNODES NODE_RANK GPUS_PER_NODE TP PP EP SEQ_LENGTH GLOBAL_BATCH MICRO_BATCH N_CE MASTER_PORT SHUTDOWN_TIMEOUT; do
     if ! [[ "${!v}" =~ ^[0-9]+$ ]]; then
         echo "launch: error: ${v}=${!v} must be a non-negative integer" >&2; exit 1
     fi
@@ -26,7 +38,8 @@ if ((NODE_RANK >= NNODES)); then echo "launch: error: NODE_RANK=${NODE_RANK} mus
 
 PLAN_ARGS=(--model "${MODEL}" --world "${WORLD}" --tp "${TP}" --pp "${PP}" --ep "${EP}" --seq "${SEQ_LENGTH}"
            --micro-batch "${MICRO_BATCH}" --global-batch "${GLOBAL_BATCH}" --k-a "${N_CE}")
-[[ -e "${PRETRAINED}" ]] && PLAN_ARGS+=(--config "${PRETRAINED}")
+if [[ -n "${MODEL_CONFIG}" ]]; then PLAN_ARGS+=(--config "${MODEL_CONFIG}")
+elif [[ -e "${PRETRAINED}" ]]; then PLAN_ARGS+=(--config "${PRETRAINED}"); fi
 [[ "${RECOMPUTE}" == 1 ]] && PLAN_ARGS+=(--recompute)
 "${PYTHON}" "${REPO}/launch/plan.py" "${PLAN_ARGS[@]}"   # exits 1 naming the variable if the layout does not divide
 
@@ -35,22 +48,30 @@ DATA_ARGS=(--task "${TASK}")
 PARALLEL_ARGS=(--tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}"
                --expert-model-parallel-size "${EP}" --use-distributed-optimizer)
 ((TP > 1)) && PARALLEL_ARGS+=(--sequence-parallel)
+LENGTH_ARGS=(--epochs "${EPOCHS}")
+[[ -n "${TRAIN_ITERS}" ]] && LENGTH_ARGS=(--train-iters "${TRAIN_ITERS}")
+MODEL_ARGS=(--pretrained-checkpoint "${PRETRAINED}")
+[[ -n "${MODEL_CONFIG}" ]] && MODEL_ARGS=(--model-config "${MODEL_CONFIG}")
+PRECISION_ARGS=()
+[[ "${PRECISION}" == bf16 ]] && PRECISION_ARGS+=(--bf16)
+[[ "${GROUPED_GEMM}" == 1 ]] && PRECISION_ARGS+=(--moe-grouped-gemm)
 RECOMPUTE_ARGS=()
 [[ "${RECOMPUTE}" == 1 ]] && RECOMPUTE_ARGS=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 
 CMD=(torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${GPUS_PER_NODE}"
-     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}"
+     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" --shutdown-timeout "${SHUTDOWN_TIMEOUT}"
      -m megatron_ce.train
-     --pretrained-checkpoint "${PRETRAINED}" --tokenizer-model "${TOKENIZER}"
+     "${MODEL_ARGS[@]}" --tokenizer-model "${TOKENIZER}"
      "${DATA_ARGS[@]}" --sft-format "${SFT_FORMAT}" --sft-packing "${SFT_PACKING}" --eval-split-fraction "${EVAL_FRACTION}"
      --moe-ce-num-compressed "${N_CE}" --moe-ce-variant "${CE_VARIANT}" --moe-aux-loss-coeff 0
-     "${PARALLEL_ARGS[@]}" --moe-token-dispatcher-type "${DISPATCHER}" --moe-grouped-gemm
-     --transformer-impl "${TRANSFORMER_IMPL}" --bf16 "${RECOMPUTE_ARGS[@]}"
+     "${PARALLEL_ARGS[@]}" --moe-token-dispatcher-type "${DISPATCHER}"
+     --transformer-impl "${TRANSFORMER_IMPL}" "${PRECISION_ARGS[@]}" "${RECOMPUTE_ARGS[@]}"
      --seq-length "${SEQ_LENGTH}" --micro-batch-size "${MICRO_BATCH}" --global-batch-size "${GLOBAL_BATCH}"
-     --epochs "${EPOCHS}" --lr "${LR}" --min-lr "${MIN_LR}" --lr-decay-style cosine
+     "${LENGTH_ARGS[@]}" --lr "${LR}" --min-lr "${MIN_LR}" --lr-decay-style cosine
      --lr-warmup-fraction "${WARMUP_FRACTION}" --weight-decay "${WEIGHT_DECAY}" --clip-grad "${CLIP_GRAD}"
      --save "${SAVE}" --save-interval "${SAVE_INTERVAL}" --tensorboard-dir "${TENSORBOARD_DIR}"
-     --log-interval "${LOG_INTERVAL}" --eval-interval "${EVAL_INTERVAL}")
+     --log-interval "${LOG_INTERVAL}" --eval-interval "${EVAL_INTERVAL}"
+     --distributed-timeout-minutes "${DIST_TIMEOUT_MINUTES}" --exit-signal-handler)
 # shellcheck disable=SC2206
 CMD+=(${EXTRA_ARGS})
 
@@ -59,4 +80,16 @@ if [[ "${DRY_RUN}" == 1 ]]; then
     exit 0
 fi
 cd "${REPO}"
-exec "${CMD[@]}"
+# Not exec: a SIGTERM/SIGINT sent to this script goes to the ranks themselves (torchrun's children), which
+# finish the iteration, save and exit 0, so torchrun exits 0 too; and a failure is named in one line.
+"${CMD[@]}" &
+CHILD=$!
+trap 'pkill -TERM -P "${CHILD}" 2>/dev/null || kill -TERM "${CHILD}" 2>/dev/null' TERM INT
+while :; do
+    wait "${CHILD}" && RC=0 || RC=$?
+    kill -0 "${CHILD}" 2>/dev/null || break  # wait returned for a trapped signal: torchrun still runs
+done
+if ((RC != 0)); then
+    echo "launch: error: torchrun exited ${RC} on node ${NODE_RANK}/${NNODES}; its 'Root Cause' above names the first rank that failed here (a rank on another node may have failed first)" >&2
+fi
+exit "${RC}"

@@ -74,7 +74,8 @@ def init_parallel(
         parallel_state.destroy_model_parallel()
     extra = {}
     if timeout_s is not None:
-        extra["distributed_timeout_minutes"] = max(1, int(-(-float(timeout_s) // 60)))
+        # Typed int in mcore, but only ever passed to timedelta(minutes=...): fractions work.
+        extra["distributed_timeout_minutes"] = float(timeout_s) / 60
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,

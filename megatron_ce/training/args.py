@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a collective that waits longer on a dead or stuck rank fails (torch's default is 30)")
 
     g = p.add_argument_group("training")
     g.add_argument("--seq-length", type=int, default=4096)
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained-checkpoint", default=None,
                    help="weights to start from when there is nothing to resume (e.g. a converted HF model)")
     g.add_argument("--finetune", action="store_true", help="load weights only from --load; iteration 0")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (or --exit-signal), finish the current iteration, save a checkpoint and exit 0")
+    g.add_argument("--exit-signal", default="SIGTERM", help="the signal --exit-signal-handler catches")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
@@ -193,6 +197,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
           f"{args.micro_batch_size} x data-parallel size {dp}")
     _need((args.train_iters is None) != (args.epochs is None), "give exactly one of --train-iters and --epochs")
     _need(args.epochs is None or args.epochs > 0, f"--epochs={args.epochs} must be > 0")
+    _need(args.distributed_timeout_minutes > 0,
+          f"--distributed-timeout-minutes={args.distributed_timeout_minutes} must be > 0")
+    import signal
+
+    _need(isinstance(getattr(signal, str(args.exit_signal).upper(), None), signal.Signals),
+          f"--exit-signal={args.exit_signal} is not a signal name (e.g. SIGTERM, SIGUSR1)")
     _need(args.lr >= 0 and args.min_lr >= 0, "--lr and --min-lr must be >= 0")
     _need(args.min_lr <= args.lr, f"--min-lr={args.min_lr} must be <= --lr={args.lr}")
     _need(args.lr_warmup_fraction is None or 0.0 <= args.lr_warmup_fraction < 1.0,

@@ -21,6 +21,7 @@ from megatron_ce.training.args import ArgError, train_iters_from_epochs
 from megatron_ce.training.data import GlobalBatchSampler, eval_microbatches, needs_attention_mask, train_microbatches
 from megatron_ce.training.metrics import MetricsWriter, RoutingStats, log_line, theta_stats
 from megatron_ce.training.model import model_provider
+from megatron_ce.training.resilience import ExitSignalHandler, maybe_inject_fault
 
 
 class TrainingStopped(RuntimeError):
@@ -178,6 +179,8 @@ def train(args) -> Dict[str, object]:
     from megatron_ce.data import build_sft_dataset_from_args
     from megatron_ce.runtime import init_parallel
 
+    # Installed first: a SIGTERM during set-up is then acted on after the first iteration.
+    exit_handler = ExitSignalHandler(args.exit_signal) if args.exit_signal_handler else None
     init_parallel(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                   ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
                   seed=args.seed, timeout_s=args.distributed_timeout_minutes * 60)
@@ -231,6 +234,7 @@ def train(args) -> Dict[str, object]:
         model.zero_grad_buffer()
         optimizer.zero_grad()
         step_loss = run_schedule(model, train_microbatches(train_ds, sampler, consumed, args), args, False)
+        maybe_inject_fault(iteration + 1)
         loss = float(step_loss[0] / step_loss[1]) if step_loss[1] > 0 else math.nan
         if not math.isfinite(loss):
             raise TrainingStopped(f"loss is {loss} at iteration {iteration + 1}; stopping ({kept()})")
@@ -268,10 +272,19 @@ def train(args) -> Dict[str, object]:
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save(iteration)
         writer.flush()
+        if exit_handler is not None and iteration < train_iters and exit_handler.agreed():
+            if args.save and last_saved != iteration:
+                save(iteration)
+            where = f"saved {ckpt.iter_dir(args.save, iteration)}" if args.save else "no --save: nothing saved"
+            print0(f"received {exit_handler.name}: stopped after iteration {iteration}, {where}; "
+                   "run the same command again to resume")
+            break
 
     if args.save and last_saved != iteration:
         save(iteration)
     writer.close()
+    if exit_handler is not None:
+        exit_handler.restore()
     if torch.distributed.get_rank() == 0:
         if args.save:
             print(f"checkpoint: {os.path.abspath(ckpt.iter_dir(args.save, iteration))}", flush=True)

@@ -19,7 +19,8 @@ def _run(script, tmp_path, **env):
     (fake / "torchrun").write_text(f"#!/bin/sh\ntouch {tmp_path}/torchrun_started\n")
     (fake / "torchrun").chmod(0o755)
     e = {k: v for k, v in os.environ.items() if k not in ("NNODES", "EP", "TP", "PP", "GPUS_PER_NODE")}
-    e.update(PATH=f"{fake}:{os.environ['PATH']}", PRETRAINED="/ckpt/converted", TOKENIZER="org/model", **env)
+    e.update(PATH=f"{fake}:{os.environ['PATH']}", PRETRAINED="/ckpt/converted", TOKENIZER="org/model")
+    e.update(env)
     return subprocess.run(["bash", SCRIPTS[script]], cwd=REPO, env=e, capture_output=True, text=True, timeout=60)
 
 
@@ -62,3 +63,29 @@ def test_bad_layout_fails_before_torchrun(tmp_path, env, var):
     assert not (tmp_path / "torchrun_started").exists()
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("launch: error: ") and var in lines[0], r.stderr
+
+
+def test_cpu_settings_and_reliability_flags(tmp_path):
+    r = _run("olmoe", tmp_path, DRY_RUN="1", PRETRAINED="", MODEL_CONFIG="launch/configs/olmoe_tiny.json",
+             PRECISION="fp32", GROUPED_GEMM="0", TRANSFORMER_IMPL="local", TRAIN_ITERS="7",
+             DIST_TIMEOUT_MINUTES="2.5", SHUTDOWN_TIMEOUT="45", GPUS_PER_NODE="2", EP="2")
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout.strip().splitlines()[-1])
+    assert "--bf16" not in cmd and "--moe-grouped-gemm" not in cmd and "--pretrained-checkpoint" not in cmd
+    assert "--epochs" not in cmd and cmd[cmd.index("--train-iters") + 1] == "7"
+    assert cmd[cmd.index("--model-config") + 1] == "launch/configs/olmoe_tiny.json"
+    assert cmd[cmd.index("--distributed-timeout-minutes") + 1] == "2.5"
+    assert cmd[cmd.index("--shutdown-timeout") + 1] == "45"
+    assert "--exit-signal-handler" in cmd
+
+
+@pytest.mark.parametrize("env,needle", [
+    (dict(PRETRAINED=""), "set PRETRAINED"),
+    (dict(PRECISION="fp16"), "PRECISION=fp16"),
+    (dict(SHUTDOWN_TIMEOUT="soon"), "SHUTDOWN_TIMEOUT=soon"),
+])
+def test_bad_settings_fail_before_torchrun(tmp_path, env, needle):
+    r = _run("olmoe", tmp_path, **env)
+    assert r.returncode != 0 and not (tmp_path / "torchrun_started").exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch: error: ") and needle in lines[0], r.stderr
