@@ -1,8 +1,9 @@
 """SFT entry point: `python -m megatron_ce.train ...` or `torchrun --nproc-per-node N -m megatron_ce.train ...`.
 
 Megatron-LM flag names; see `python -m megatron_ce.train --help` and megatron_ce/training/.
-Exit codes: 0 done, 2 bad flag / configuration (one line naming the flag), 3 stopped on a non-finite
-loss (the last good checkpoint is kept).
+Exit codes: 0 done (or stopped by --exit-signal-handler after saving), 2 bad flag / configuration /
+data / checkpoint (one line naming the flag or file), 3 stopped on a non-finite loss, 4 a checkpoint
+save failed (disk full, I/O error); with 3 and 4 the last good checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_ce.data import DataError
+    from megatron_ce.training.checkpoint import CheckpointError, CheckpointSaveError
     from megatron_ce.training.loop import TrainingStopped, train
 
     code = 0
@@ -37,6 +39,12 @@ def main(argv=None) -> int:
         exit_on_arg_error(e)
     except DataError as e:
         print(f"megatron_ce.train: data error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except CheckpointSaveError as e:
+        print(f"megatron_ce.train: checkpoint error: {e}", file=sys.stderr, flush=True)
+        code = 4
+    except CheckpointError as e:
+        print(f"megatron_ce.train: checkpoint error: {e}", file=sys.stderr, flush=True)
         code = 2
     except TrainingStopped as e:
         print(f"megatron_ce.train: {e}", file=sys.stderr, flush=True)

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-position-embeddings", type=int)
     g.add_argument("--vocab-size", type=int, help="default: the tokenizer's, padded (--make-vocab-size-divisible-by)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--allow-vocab-padding", action="store_true",
+                   help="accept a model vocabulary 128 or more entries larger than the tokenizer's")
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)

@@ -44,6 +44,20 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class CheckpointSaveError(CheckpointError):
+    """A save failed part-way (exit code 4); the previous checkpoint is kept."""
+
+
+def read_tracker(root: str) -> Optional[str]:
+    """The folder the tracker file names, without checking it (for messages)."""
+    try:
+        with open(os.path.join(root, TRACKER), encoding="utf-8") as f:
+            it = f.read().strip()
+    except OSError:
+        return None
+    return os.path.join(root, RELEASE) if it == RELEASE else iter_dir(root, int(it)) if it.isdigit() else None
+
+
 def iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
@@ -103,6 +117,26 @@ def parallel_layout(args) -> Dict[str, Any]:
                 pp=args.pipeline_model_parallel_size, ep=args.expert_model_parallel_size,
                 etp=args.expert_tensor_parallel_size or args.tensor_model_parallel_size,
                 distributed_optimizer=bool(args.use_distributed_optimizer), bf16=bool(args.bf16))
+
+
+# Settings that define the trained model beyond its tensor shapes: resuming under other values would
+# silently train a different model (weights-only loads with --finetune may change them).
+MODEL_SETTINGS = ("num_layers", "num_moe_experts", "moe_router_topk", "moe_ce_num_compressed", "moe_ce_variant",
+                  "moe_ce_split", "moe_ce_main_mass", "moe_ce_min_main", "moe_ce_max_main")
+_FLAG = {"num_layers": "--num-layers", "num_moe_experts": "--num-experts", "moe_router_topk": "--moe-router-topk"}
+
+
+def model_settings(config) -> Dict[str, Any]:
+    return {k: getattr(config, k, None) for k in MODEL_SETTINGS}
+
+
+def check_model_settings(saved: Optional[Dict[str, Any]], now: Dict[str, Any], ckpt_dir: str) -> None:
+    """One-line error naming the first setting a resumed run changes (older checkpoints: no record)."""
+    for k in MODEL_SETTINGS:
+        if saved is not None and k in saved and saved[k] != now.get(k):
+            flag = _FLAG.get(k, "--" + k.replace("_", "-"))
+            raise CheckpointError(f"{ckpt_dir} was trained with {flag}={saved[k]}, this run has {now.get(k)}: "
+                                  "resume with the same setting, or pass --finetune to start a new run from its weights")
 
 
 def sub_optimizers(optimizer) -> List[Any]:
@@ -177,6 +211,26 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _all_or_none(step, root: str, tmp: str) -> None:
+    """Collective: run `step` (None: nothing on this rank); if it raised on any rank, every rank raises
+    CheckpointSaveError naming the first failed rank, after rank 0 removed the partial folder."""
+    error = None
+    if step is not None:
+        try:
+            step()
+        except Exception as e:  # OSError mostly; anything else must stop all ranks alike too
+            error = e
+    failed = torch.tensor([_rank() if error is not None else -1], dtype=torch.int64)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if int(failed) < 0:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    reason = f"{type(error).__name__}: {error}" if error is not None else "see that rank's log"
+    raise CheckpointSaveError(f"saving {tmp} failed on rank {int(failed)} ({reason}); the partial folder was "
+                              f"removed and {read_tracker(root) or 'no checkpoint'} stays the latest")
+
+
 def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, consumed_samples: int,
                     args, meta: Optional[dict] = None) -> str:
     """Collective. Returns the final folder."""
@@ -190,23 +244,27 @@ def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, 
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(gpt_model.sharded_state_dict(), tmp)
-    rank_state = dict(layout=parallel_layout(args), rng=rng_state(),
-                      optimizer=None if args.no_save_optim else optimizer_rank_state(optimizer, gpt_model))
-    path = os.path.join(tmp, f"rank_{_rank():05d}.pt")
-    with open(path + ".part", "wb") as f:
-        torch.save(rank_state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".part", path)
-    _barrier()
-    if _rank() == 0:
+    # A failed write (disk full, quota, I/O error) on any rank stops every rank alike: the failure is
+    # all-reduced before the next step, the partial folder is removed to free its space, and the
+    # previous checkpoint stays the current one.
+    def rank_files():
+        dist_checkpointing.save(gpt_model.sharded_state_dict(), tmp)
+        rank_state = dict(layout=parallel_layout(args), rng=rng_state(),
+                          optimizer=None if args.no_save_optim else optimizer_rank_state(optimizer, gpt_model))
+        path = os.path.join(tmp, f"rank_{_rank():05d}.pt")
+        with open(path + ".part", "wb") as f:
+            torch.save(rank_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".part", path)
+
+    def commit():  # rank 0, once every rank's files are written
         state = dict(iteration=iteration, consumed_samples=consumed_samples, layout=parallel_layout(args),
-                     scheduler=scheduler.state_dict(), optimizer_saved=not args.no_save_optim)
+                     scheduler=scheduler.state_dict(), optimizer_saved=not args.no_save_optim,
+                     model=model_settings(gpt_model.config))
         atomic_write(os.path.join(tmp, STATE), json.dumps(state, indent=2).encode())
         if meta is not None:
             atomic_write(os.path.join(tmp, META_NAME), json.dumps(meta, indent=2).encode())
-            atomic_write(os.path.join(root, META_NAME), json.dumps(meta, indent=2).encode())
         _fsync_tree(tmp)
         if os.path.exists(final):  # re-saving an iteration: swap, then drop the old copy
             old = final + ".old"
@@ -218,7 +276,11 @@ def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, 
             os.replace(tmp, final)
         _fsync_path(root)
         atomic_write(os.path.join(root, TRACKER), str(iteration).encode())
-    _barrier()
+        if meta is not None:  # convenience copy for tools that look at the root
+            atomic_write(os.path.join(root, META_NAME), json.dumps(meta, indent=2).encode())
+
+    _all_or_none(rank_files, root, tmp)
+    _all_or_none(commit if _rank() == 0 else None, root, tmp)
     return final
 
 
@@ -248,13 +310,42 @@ def find_checkpoint(root: str) -> Optional[str]:
     return path
 
 
+def verify_files(ckpt_dir: str) -> None:
+    """Every file the checkpoint's .metadata names exists and is long enough (else a one-line
+    CheckpointError naming it), checked before megatron-core reads anything."""
+    from megatron_ce.convert.dist_io import DistCheckpointReader
+    from megatron_ce.convert.mapping import ConversionError
+
+    try:
+        DistCheckpointReader(ckpt_dir)
+    except ConversionError as e:
+        raise CheckpointError(str(e)) from None
+    for name in ("common.pt", "metadata.json"):
+        if not os.path.isfile(os.path.join(ckpt_dir, name)):
+            raise CheckpointError(f"{os.path.join(ckpt_dir, name)}: missing (an incomplete checkpoint)")
+
+
 def load_model_weights(gpt_model, ckpt_dir: str) -> None:
     """Load weights saved at any TP/PP/EP layout. CE tables missing from the checkpoint (a base model
-    converted without CE) keep their init (ones) with a warning."""
+    converted without CE) keep their init (ones) with a warning. A missing or truncated file, or a
+    tensor of another shape (another model or CE variant), is a one-line CheckpointError."""
     from megatron.core import dist_checkpointing
 
+    verify_files(ckpt_dir)
     sharded = gpt_model.sharded_state_dict()
-    present = set(dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
+    saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    present = set(saved.keys())
+    for k, v in sharded.items():
+        key, shape = getattr(v, "key", k), getattr(v, "global_shape", None)
+        if key in saved and shape is not None and tuple(saved[key].global_shape) != tuple(shape):
+            raise CheckpointError(f"{ckpt_dir}: {key} has shape {tuple(saved[key].global_shape)} there, "
+                                  f"{tuple(shape)} in this model (a checkpoint of another model or CE variant?)")
+    # Compressed-expert tables of another variant would otherwise be skipped and ours left at ones.
+    ours_ce = {getattr(v, "key", k) for k, v in sharded.items() if ".ce." in getattr(v, "key", k)}
+    foreign_ce = sorted(k for k in present if ".ce." in k and k not in ours_ce)
+    if ours_ce and foreign_ce:
+        raise CheckpointError(f"{ckpt_dir} holds compressed-expert table {foreign_ce[0]}, which this model does "
+                              "not have (trained with another --moe-ce-variant?)")
     missing = sorted(k for k, v in sharded.items() if getattr(v, "key", k) not in present)
     ce_missing = [k for k in missing if ".ce." in k]
     other = [k for k in missing if ".ce." not in k and not k.endswith("_extra_state")]
@@ -273,15 +364,36 @@ def load_model_weights(gpt_model, ckpt_dir: str) -> None:
 
 
 def read_train_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
+    """train_state.json (None for weights-only checkpoints, e.g. converted ones)."""
     path = os.path.join(ckpt_dir, STATE)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or "iteration" not in state:
+            raise ValueError("no 'iteration'")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a training state file ({e})") from None
+    return state
 
 
-def load_rank_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(ckpt_dir, f"rank_{_rank():05d}.pt")
-    if not os.path.isfile(path):
+def rank_state_path(ckpt_dir: str, rank: int) -> str:
+    return os.path.join(ckpt_dir, f"rank_{rank:05d}.pt")
+
+
+def load_rank_state(ckpt_dir: str, state: Dict[str, Any], same_layout: bool) -> Optional[Dict[str, Any]]:
+    """This rank's optimizer/RNG file; None when the layout changed (it cannot be used). Every rank
+    checks that all ranks' files are there first, so a missing one stops all ranks alike."""
+    if not same_layout:
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    world = int(state["layout"]["world_size"])
+    for r in range(world):
+        if not os.path.isfile(rank_state_path(ckpt_dir, r)):
+            raise CheckpointError(f"{rank_state_path(ckpt_dir, r)}: missing (the checkpoint holds "
+                                  f"{world} ranks' optimizer/RNG files); --finetune loads only the weights")
+    path = rank_state_path(ckpt_dir, _rank())
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or damaged zip: torch raises several types
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -196,11 +196,14 @@ def train(args) -> Dict[str, object]:
     source, resume = resume_source(args)
     state, rank_state = None, None
     if source is not None:
+        if resume:  # checked before the weights: a changed setting is the likelier mistake
+            state = ckpt.read_train_state(source)
+            ckpt.check_model_settings(state.get("model"), ckpt.model_settings(gpt.config), source)
         ckpt.load_model_weights(gpt, source)
         print0(f"loaded model weights from {source}")
         if resume:
-            state = ckpt.read_train_state(source)
-            rank_state = ckpt.load_rank_state(source)
+            usable = state["layout"] == ckpt.parallel_layout(args) and not (args.no_load_optim and args.no_load_rng)
+            rank_state = ckpt.load_rank_state(source, state, usable)
     model = wrap_model(gpt, args)
     optimizer, scheduler = build_optimizer(model, args, train_iters)
     gpt.config.grad_scale_func = optimizer.scale_loss

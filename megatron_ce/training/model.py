@@ -110,10 +110,24 @@ def model_provider(args, tokenizer_len: int) -> Tuple[torch.nn.Module, Optional[
         args.moe_ce_variant = args.moe_ce_variant or "ia3"
         model = _model_from_flags(args, tokenizer_len, overrides)
         meta = None
-    if tokenizer_len > args.padded_vocab_size:
-        raise ArgError(f"the tokenizer has {tokenizer_len} tokens but the model's vocabulary is "
-                       f"{args.padded_vocab_size} (--vocab-size / the model config)")
+    # A vocabulary we padded ourselves (shape flags, no --vocab-size) is right by construction.
+    check_tokenizer_vocab(args, tokenizer_len, padded_here=source is None and not args.vocab_size)
     return model, meta
+
+
+# Models pad their vocabulary past the tokenizer's size to a multiple of 64 or 128 (OLMoE 50280 ->
+# 50304, Phi-3.5-MoE 32011 -> 32064); a larger gap means the tokenizer belongs to another model.
+MAX_VOCAB_PADDING = 128
+
+
+def check_tokenizer_vocab(args, tokenizer_len: int, padded_here: bool = False) -> None:
+    vocab, tok = args.padded_vocab_size, args.tokenizer_model
+    if tokenizer_len > vocab:
+        raise ArgError(f"--tokenizer-model={tok} has {tokenizer_len} tokens but the model's vocabulary has {vocab} "
+                       "(--vocab-size / the model config): token ids would index past the embedding")
+    if not padded_here and vocab - tokenizer_len >= MAX_VOCAB_PADDING and not args.allow_vocab_padding:
+        raise ArgError(f"--tokenizer-model={tok} has {tokenizer_len} tokens but the model's vocabulary has {vocab}, "
+                       f"more than padding apart: the tokenizer of another model? (--allow-vocab-padding to accept)")
 
 
 def _model_from_flags(args, tokenizer_len: int, overrides: Dict[str, Any]) -> torch.nn.Module:

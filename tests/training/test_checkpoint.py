@@ -70,3 +70,35 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     last = tracker(save)
     assert last is not None and last < 50
     assert (save / f"iter_{last:07d}" / "train_state.json").is_file()
+
+
+# The disk fills up while this rank writes its optimizer/RNG file of iteration 4.
+DISK_FULL = r'''
+import errno, os, runpy, sys, torch
+real_save = torch.save
+def save(obj, f, *a, **k):
+    if hasattr(f, "write") and "iter_0000004.tmp/rank_" in str(getattr(f, "name", "")):
+        f.write(b"\0" * 4096)  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
+    return real_save(obj, f, *a, **k)
+torch.save = save
+sys.argv = ["megatron_ce.train"] + sys.argv[1:]
+runpy.run_module("megatron_ce.train", run_name="__main__")
+'''
+
+
+def test_disk_full_during_save(tmp_path):
+    """A save that fails part-way with an error (not a crash): exit code 4, one line naming the folder
+    and the OS error, the partial folder removed, the previous checkpoint still the latest; the next run
+    resumes from it."""
+    save = tmp_path / "ckpt"
+    res = run_train(ARGS + ["--train-iters", "6", "--save", str(save)], python_code=DISK_FULL, check=False)
+    assert res.returncode == 4, res.stdout[-3000:]
+    err = [ln for ln in res.stdout.splitlines() if ln.startswith("megatron_ce.train:")]
+    assert len(err) == 1 and "Traceback" not in res.stdout, res.stdout[-3000:]
+    assert f"saving {save / 'iter_0000004.tmp'} failed on rank 0 (OSError: [Errno 28] No space left on device" in err[0]
+    assert f"{save / 'iter_0000002'} stays the latest" in err[0]
+    assert tracker(save) == 2 and not (save / "iter_0000004.tmp").exists()
+    res = run_train(ARGS + ["--train-iters", "4", "--save", str(save)])
+    assert f"resumed from {save / 'iter_0000002'} at iteration 2" in res.stdout
+    assert tracker(save) == 4
