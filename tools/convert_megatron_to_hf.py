@@ -18,6 +18,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def quiet_environment_warnings():
+    """megatron-core warns on import that Apex / Transformer Engine are absent, and about its own
+    default cuda_graph_scope: conversion runs no kernels, so these only bury the result (or the one-line
+    error) on stderr."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-dir", required=True, help="Megatron save dir or dist checkpoint dir")
@@ -34,6 +44,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    quiet_environment_warnings()
     from megatron_ce.convert import ConversionError, convert_megatron_to_hf
     from megatron_ce.ce.config import ConfigError
 
@@ -49,7 +60,7 @@ def main(argv=None):
             moe_ce_variant=args.moe_ce_variant,
             progress=not args.no_progress,
         )
-    except (ConversionError, ConfigError) as e:
+    except (ConversionError, ConfigError, OSError) as e:  # OSError: e.g. an unwritable --save-dir
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(shards)} shard(s) to {args.save_dir}")

@@ -15,6 +15,10 @@ the global tensors (one parameter of one layer), so a checkpoint saved at any la
 way. Besides the tensors we write what `dist_checkpointing.save` writes: `metadata.json`,
 `common.pt` (an empty common state) and the ShardedObjects (module `_extra_state`) of the model.
 
+Before reading, every data file `.metadata` names is checked to exist and be long enough, and each
+chunk's zip CRC-32s are checked (torch.load does not): a missing, truncated or bit-flipped file is a
+one-line ConversionError naming it, never a different weight.
+
 Note: DCP's own `.metadata` file is a pickle (torch's format): read megatron checkpoints you trust.
 """
 
@@ -26,6 +30,7 @@ import json
 import os
 import queue
 import warnings
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,10 +38,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
+    Metadata,
     MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
@@ -44,6 +51,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_ce.convert.hf_io import one_line
 from megatron_ce.convert.mapping import ConversionError
 
 METADATA_JSON = {
@@ -208,6 +216,15 @@ class _GroupedFileWriter(FileSystemWriter):
         return self._write_data(planner, file_queue)
 
 
+def _read_items(requests, tensors_md):
+    """DCP read items of regions [(key, offsets, sizes)] of global tensors."""
+    items = []
+    for key, offsets, sizes in requests:
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        items += create_read_items_for_chunk_list(key, tensors_md[key], [chunk])
+    return items
+
+
 class _RegionLoadPlanner(DefaultLoadPlanner):
     """DCP load planner reading given regions of global tensors into given buffers."""
 
@@ -223,11 +240,7 @@ class _RegionLoadPlanner(DefaultLoadPlanner):
         self.is_coordinator = is_coordinator
 
     def create_local_plan(self):
-        items = []
-        for key, offsets, sizes in self._requests:
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-            items += create_read_items_for_chunk_list(key, self._tensors_md[key], [chunk])
-        return LoadPlan(items)
+        return LoadPlan(_read_items(self._requests, self._tensors_md))
 
     def resolve_tensor(self, read_item):
         view = self._bufs[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
@@ -329,12 +342,34 @@ class DistCheckpointReader:
 
     def __init__(self, ckpt_dir: str):
         self.ckpt_dir = os.fspath(ckpt_dir)
-        if not os.path.isfile(os.path.join(self.ckpt_dir, ".metadata")):
+        path = os.path.join(self.ckpt_dir, ".metadata")
+        if not os.path.isfile(path):
             raise ConversionError(f"{self.ckpt_dir} is not a torch_dist checkpoint (no .metadata)")
-        self.metadata = FileSystemReader(self.ckpt_dir).read_metadata()
+        try:
+            self.metadata = FileSystemReader(self.ckpt_dir).read_metadata()
+        except Exception as e:  # unpickling a damaged or foreign file can raise almost any error type
+            raise ConversionError(f"{path}: not a readable DCP metadata file ({type(e).__name__}: {one_line(e)})") from e
+        if not isinstance(self.metadata, Metadata) or not isinstance(self.metadata.storage_data, dict):
+            raise ConversionError(f"{path}: not a DCP metadata file (holds {type(self.metadata).__name__})")
         self.tensors = {
             k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
+        self._check_files()
+        self._verified = set()  # storage indices whose checksums were checked
+
+    def _check_files(self) -> None:
+        """Every data file .metadata names must exist and reach the end of its last item: a missing or
+        truncated file is reported by name here, before any tensor is read (DCP would fail mid-way)."""
+        ends: Dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for rel, end in sorted(ends.items()):
+            path = os.path.join(self.ckpt_dir, rel)
+            if not os.path.isfile(path):
+                raise ConversionError(f"{path}: missing (listed in {os.path.join(self.ckpt_dir, '.metadata')})")
+            size = os.path.getsize(path)
+            if size < end:
+                raise ConversionError(f"{path}: truncated (file is {size} bytes, .metadata declares {end})")
 
     def shape(self, key: str) -> Tuple[int, ...]:
         return tuple(self.tensors[key].size)
@@ -352,8 +387,47 @@ class DistCheckpointReader:
             t = torch.empty(tuple(sizes), dtype=self.dtype(key))
             bufs[(key, tuple(offsets))] = t
             out.append(t)
+        storage = {i.storage_index: self.metadata.storage_data[i.storage_index] for i in _read_items(requests, self.tensors)}
+        for index, info in storage.items():
+            if index not in self._verified:
+                _verify_chunk(os.path.join(self.ckpt_dir, info.relative_path), info)
+                self._verified.add(index)
         planner = _RegionLoadPlanner(list(requests), self.tensors, bufs)
-        with _quiet_dcp():
-            dcp.load({}, storage_reader=FileSystemReader(self.ckpt_dir), planner=planner, no_dist=True)
+        try:
+            with _quiet_dcp():
+                dcp.load({}, storage_reader=FileSystemReader(self.ckpt_dir), planner=planner, no_dist=True)
+        except (Exception, CheckpointException) as e:  # sizes and checksums were checked: what is left?
+            files = ", ".join(sorted({os.path.join(self.ckpt_dir, i.relative_path) for i in storage.values()}))
+            raise ConversionError(f"{files}: cannot read ({_first_error_line(e)})") from e
         bufs.clear()  # the caller owns the tensors now (no reference left in DCP objects)
         return out
+
+
+def _verify_chunk(path: str, info) -> None:
+    """Check one stored chunk's CRC-32s. DCP stores each tensor chunk as a torch.save zip whose members
+    carry CRC-32s, but torch.load does not check them: a flipped bit would load as a different weight.
+    Chunks written through a storage transform (compression, ...) are not plain zips and are skipped, as
+    are zips written with torch's compute_crc32 off (every CRC field 0)."""
+    if getattr(info, "transform_descriptors", None):
+        return
+    with open(path, "rb") as f:
+        f.seek(info.offset)
+        blob = f.read(info.length)
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            if all(m.CRC == 0 for m in z.infolist()):
+                return
+            bad = z.testzip()
+    except Exception as e:  # zipfile raises several types on garbage (BadZipFile, struct.error, ...)
+        raise ConversionError(f"{path}: corrupt data at byte {info.offset} ({type(e).__name__}: {one_line(e)})") from e
+    if bad is not None:
+        raise ConversionError(f"{path}: corrupt data at byte {info.offset} (CRC-32 mismatch in {bad})")
+
+
+def _first_error_line(e: BaseException) -> str:
+    """The root cause of a DCP failure on one line. DCP wraps a rank's error in a CheckpointException
+    (a BaseException) whose message is a traceback; the original error is in `failures` (rank -> (error,
+    stack))."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {one_line(e)}"[:300]

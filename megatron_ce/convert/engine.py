@@ -31,7 +31,7 @@ import torch
 
 from megatron_ce.convert.dist_io import DistCheckpointReader, ModelLayout, model_layout, write_dist_checkpoint
 from megatron_ce.convert.families import Family, get_family
-from megatron_ce.convert.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, parse_size
+from megatron_ce.convert.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, one_line, parse_size, read_json
 from megatron_ce.convert.mapping import Bound, ConversionError, Direct, Ones, expand
 
 META_NAME = "megatron_ce.json"
@@ -201,8 +201,15 @@ def _read_hf_config(load_dir: str) -> Dict[str, Any]:
     path = os.path.join(load_dir, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"no config.json in {load_dir}")
-    with open(path, encoding="utf-8") as f:
-        return _base_model_type(json.load(f))
+    return _base_model_type(_json_object(path))
+
+
+def _json_object(path: str) -> Dict[str, Any]:
+    """A JSON file holding an object (config.json, megatron_ce.json); anything else -> ConversionError."""
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    return cfg
 
 
 def _base_model_type(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -398,12 +405,17 @@ def resolve_checkpoint_dir(load_dir: str) -> str:
         return load_dir
     tracker = os.path.join(load_dir, TRACKER_NAME)
     if os.path.isfile(tracker):
-        with open(tracker, encoding="utf-8") as f:
-            it = f.read().strip()
+        try:
+            with open(tracker, encoding="utf-8") as f:
+                it = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{tracker}: cannot read ({one_line(e)})") from e
+        if it != RELEASE and not it.isdigit():
+            raise ConversionError(f"{tracker}: expected '{RELEASE}' or an iteration number, found {it[:40]!r}")
         sub = RELEASE if it == RELEASE else f"iter_{int(it):07d}"
         path = os.path.join(load_dir, sub)
         if not os.path.isfile(os.path.join(path, ".metadata")):
-            raise ConversionError(f"{TRACKER_NAME} points to {path}, which is not a dist checkpoint")
+            raise ConversionError(f"{tracker}: points to {path}, which is not a dist checkpoint (no .metadata)")
         return path
     raise ConversionError(f"{load_dir} is neither a dist checkpoint (.metadata) nor a save dir ({TRACKER_NAME})")
 
@@ -412,8 +424,10 @@ def read_meta(ckpt_dir: str, load_dir: Optional[str] = None) -> Dict[str, Any]:
     for d in filter(None, (ckpt_dir, load_dir, os.path.dirname(os.path.abspath(ckpt_dir)))):
         path = os.path.join(d, META_NAME)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
+            meta = _json_object(path)
+            if not isinstance(meta.get("hf_config"), dict):
+                raise ConversionError(f"{path}: no hf_config object (not written by convert_hf_to_megatron?)")
+            return meta
     raise ConversionError(
         f"no {META_NAME} next to {ckpt_dir}: pass --hf-config (config.json of the model) and the CE flags"
     )
@@ -437,8 +451,9 @@ def convert_megatron_to_hf(
     load_dir, save_dir = os.fspath(load_dir), os.fspath(save_dir)
     ckpt_dir = resolve_checkpoint_dir(load_dir)
     if hf_config is not None:
-        with open(hf_config, encoding="utf-8") as f:
-            cfg = _base_model_type(json.load(f))
+        if not os.path.isfile(hf_config):
+            raise ConversionError(f"--hf-config {hf_config} does not exist")
+        cfg = _base_model_type(_json_object(hf_config))
         k, v = _hf_ce_fields(cfg)
         meta = {"model_type": cfg.get("model_type"), "hf_config": cfg, "moe_ce_num_compressed": k, "moe_ce_variant": v or "ia3"}
     else:

@@ -26,6 +26,8 @@ from megatron_ce.convert.mapping import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# The safetensors library refuses larger headers; a larger length means the file is not safetensors.
+MAX_HEADER_BYTES = 100_000_000
 
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -82,17 +84,24 @@ class HFCheckpointReader:
         self._handles: Dict[str, object] = {}
         self.entries: Dict[str, _Entry] = {}
         self.fused_names: List[str] = []
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         for fname in self.files:
-            with safe_open(os.path.join(self.model_dir, fname), framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    shape = tuple(sl.get_shape())
-                    dtype = _ST_DTYPES.get(sl.get_dtype())
-                    if dtype is None:
-                        raise ConversionError(f"{fname}: tensor {name} has unsupported dtype {sl.get_dtype()}")
-                    self._add(name, _Entry(fname, name, shape, dtype), fused, aliases)
+            path = os.path.join(self.model_dir, fname)
+            # Our own check first: it names the file and the problem (safetensors' errors name neither),
+            # and it catches truncation before any tensor is read.
+            check_safetensors(path)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        shape = tuple(sl.get_shape())
+                        dtype = _ST_DTYPES.get(sl.get_dtype())
+                        if dtype is None:
+                            raise ConversionError(f"{path}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                        self._add(name, _Entry(fname, name, shape, dtype), fused, aliases)
+            except SafetensorError as e:  # what check_safetensors does not look at (e.g. offsets vs shapes)
+                raise ConversionError(f"{path}: not a valid safetensors file ({one_line(e)})") from e
 
     @staticmethod
     def _weight_files(model_dir: str) -> List[str]:
@@ -100,12 +109,14 @@ class HFCheckpointReader:
             raise ConversionError(f"HF model directory {model_dir} does not exist")
         index = os.path.join(model_dir, INDEX_NAME)
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map") or {}
+            content = read_json(index)
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: no weight_map of tensor name -> shard file name")
             files = sorted(set(weight_map.values()))
             missing = [x for x in files if not os.path.isfile(os.path.join(model_dir, x))]
             if missing:
-                raise ConversionError(f"{INDEX_NAME} names shard files that do not exist: {missing}")
+                raise ConversionError(f"{model_dir}: shard files listed in {INDEX_NAME} do not exist: {', '.join(missing)}")
             return files
         if os.path.isfile(os.path.join(model_dir, SINGLE_NAME)):
             return [SINGLE_NAME]
@@ -172,6 +183,56 @@ class HFCheckpointReader:
     def release(self) -> None:
         """Close the memory maps (their touched pages stop counting as resident)."""
         self._handles.clear()
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (the CLI prints errors as a single line)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def read_json(path: str):
+    """A JSON file's content; unreadable or invalid JSON -> ConversionError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not a readable JSON file ({one_line(e)})") from e
+
+
+def check_safetensors(path: str) -> None:
+    """Check a safetensors file's framing without reading tensors: 8-byte little-endian header length,
+    a JSON header of that length, and data at least as long as the largest `data_offsets` end.
+    Raises a one-line ConversionError naming the file and the problem."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little")
+            raw = f.read(n) if len(head) == 8 and 8 + n <= size and n <= MAX_HEADER_BYTES else b""
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({one_line(e)})") from e
+    if size < 8:
+        raise ConversionError(f"{path}: truncated (file is {size} bytes, shorter than the 8-byte header length)")
+    if n > MAX_HEADER_BYTES:
+        raise ConversionError(f"{path}: not a safetensors file (header length field reads {n} bytes)")
+    if 8 + n > size:
+        raise ConversionError(f"{path}: truncated (file is {size} bytes, header declares at least {8 + n})")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not a safetensors file (header is not JSON: {one_line(e)})") from e
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a safetensors file (header is not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int and x >= 0 for x in offsets)):
+            raise ConversionError(f"{path}: not a safetensors file (tensor {name!r} has no valid data_offsets)")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise ConversionError(f"{path}: truncated (file is {size} bytes, header declares {8 + n + end})")
 
 
 def parse_size(size) -> int:
