@@ -21,7 +21,14 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run @pytest.mark.slow tests")
 
 
+# Backstop for every test (pytest-timeout): a hang fails the test instead of stalling CI. Multi-process
+# tests also carry their own, shorter limits (marks, or the harness's per-launch timeouts).
+DEFAULT_TIMEOUT_S = 900
+
+
 def pytest_configure(config):
+    if getattr(config.option, "timeout", "absent") is None:  # plugin present, no --timeout given
+        config.option.timeout = DEFAULT_TIMEOUT_S
     config.addinivalue_line("markers", "slow: multi-process configurations beyond the core ones (--runslow)")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped when torch.cuda.is_available() is False")
 

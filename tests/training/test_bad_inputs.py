@@ -1,6 +1,7 @@
-"""Damaged or foreign checkpoints and tokenizers stop the trainer with exit code 2 and one line on
-stderr naming the file (or flag) and the problem, before anything trains; never a traceback, never a
-silent partial load.
+"""Damaged or foreign checkpoints, tokenizers and datasets stop the trainer with exit code 2 and one
+line on stderr naming the file (or flag) and the problem, before anything trains; never a traceback,
+never a silent partial load. (The data pipeline's own cases are in tests/data/test_bad_data.py; here
+two of them go through the command line.)
 
 One good checkpoint (1 rank, 2 iterations) is damaged in a copy per case."""
 
@@ -101,3 +102,15 @@ def test_tokenizer_and_model_vocab_disagree(tmp_path, vocab, needle):
     tiny_data = [a for i, a in enumerate(TINY) if i >= TINY.index("--data-path")]  # data + training flags
     _fails(["--model-config", str(tmp_path / "config.json"), *tiny_data, "--train-iters", "1"],
            "--tokenizer-model=", f"has 1024 tokens but the model's vocabulary has {vocab}", needle)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b'{"instruction": "a", "output": "b"}\n{"question": "a", "answer": "b"}\n', ":2: missing field 'instruction'"),
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n', ":2: invalid UTF-8"),
+])
+def test_bad_dataset(tmp_path, content, needle):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(content)
+    args = list(TINY)
+    args[args.index("--data-path") + 1] = str(data)
+    _fails(args + ["--train-iters", "1"], "data error:", f"{data}{needle}")
