@@ -100,19 +100,29 @@ def _check_message(msg: str, d, names: str, pattern: str) -> None:
     assert re.fullmatch(re.escape(str(d / names) if names else str(d)) + ": " + pattern, msg), msg
 
 
+def _api_and_cli_fail_alike(src, tmp_path, capsys, convert, tool, names, pattern):
+    """The API raises one ConversionError line naming the file; the CLI prints exactly it and exits 2.
+    Returns the CLI's output folder (HF -> Megatron writes nothing there; Megatron -> HF may have
+    written shards before a CRC failure mid-way)."""
+    with pytest.raises(ConversionError) as e:
+        convert(src, tmp_path / "out_api", progress=False)
+    _check_message(str(e.value), src, names, pattern)
+    out_dir = tmp_path / "out_cli"
+    rc = _tool(tool).main(["--load-dir", str(src), "--save-dir", str(out_dir), "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 2 and out.out == ""
+    assert _one_error_line(out.err) == f"error: {e.value}"
+    return out_dir
+
+
 @pytest.mark.parametrize("corrupt,names,pattern", [c[1:] for c in HF_CASES], ids=[c[0] for c in HF_CASES])
 def test_corrupt_hf_input(hf_dir, tmp_path, capsys, corrupt, names, pattern):  # noqa: F811
     src = tmp_path / "hf"
     shutil.copytree(hf_dir, src)
     corrupt(src)
-    with pytest.raises(ConversionError) as e:
-        convert_hf_to_megatron(src, tmp_path / "mc", progress=False)
-    _check_message(str(e.value), src, names, pattern)
-    rc = _tool("convert_hf_to_megatron").main(["--load-dir", str(src), "--save-dir", str(tmp_path / "mc"), "--no-progress"])
-    out = capsys.readouterr()
-    assert rc == 2 and out.out == ""
-    assert _one_error_line(out.err) == f"error: {e.value}"
-    assert not (tmp_path / "mc").exists()  # nothing written
+    out_dir = _api_and_cli_fail_alike(src, tmp_path, capsys, convert_hf_to_megatron, "convert_hf_to_megatron",
+                                      names, pattern)
+    assert not out_dir.exists()  # checked before anything is written
 
 
 def _distcp(mc, i=1):
@@ -156,13 +166,7 @@ def test_corrupt_megatron_input(mc_dir, tmp_path, capsys, corrupt, names, patter
     src = tmp_path / "mc"
     shutil.copytree(mc_dir, src)
     corrupt(src)
-    with pytest.raises(ConversionError) as e:
-        convert_megatron_to_hf(src, tmp_path / "hf", progress=False)
-    _check_message(str(e.value), src, names, pattern)
-    rc = _tool("convert_megatron_to_hf").main(["--load-dir", str(src), "--save-dir", str(tmp_path / "hf2"), "--no-progress"])
-    out = capsys.readouterr()
-    assert rc == 2 and out.out == ""
-    assert _one_error_line(out.err) == f"error: {e.value}"
+    _api_and_cli_fail_alike(src, tmp_path, capsys, convert_megatron_to_hf, "convert_megatron_to_hf", names, pattern)
 
 
 @pytest.mark.timeout(120)
