@@ -4,13 +4,18 @@
    router, no top-k renormalisation, SwiGLU experts, RMSNorm) with top-k = 4 of 16 experts on a synthetic
    character-level corpus: a mixture of algorithmic tasks (addition of 1/3/4-digit numbers, subtraction,
    reversal, copy), with the load-balancing loss on. Additions of the SFT width never occur in it.
-2. From that same checkpoint, SFT three variants on one task (2-digit addition by default, answer written least
+2. From that same checkpoint, SFT each variant on one task (2-digit addition by default, answer written least
    significant digit first), loss on the answer tokens, no load-balancing loss (DESIGN.md §1 item 10):
      top-4          : the pretrained routing
      top-2          : router top-k cut to 2
      top-2+CE       : top-k 4 with k_a = 2 compressed experts (ia3 variant; theta initialised to ones)
+     mass tau=T     : top-k 4, adaptive split (--moe-ce-split mass): per token the shortest ranked prefix
+                      holding a share >= T of the top-4 router mass runs (1..4 experts), the rest of the
+                      top-4 are compressed experts; one variant per T of --taus
    Each seed redraws the SFT data order and the held-out set; the pretrained start is the same.
-3. Metric: exact-match accuracy of greedy answers on held-out problems not seen in SFT.
+3. Metric: exact-match accuracy of greedy answers on held-out problems not seen in SFT. For the mass
+   variants also the mean number of main experts per token (all layers), measured with the trainer's
+   routing statistics on the held-out problems (prompt + answer, teacher-forced) after SFT.
 4. Latency: greedy decoding (no KV cache, full recompute each step; same code for all variants) of
    batch 8 prompts, a fixed number of new tokens, warm-up + timed iterations, variants interleaved in
    rotating order so a load change on a shared machine hits all of them alike.
@@ -127,19 +132,43 @@ def hf_config(a, top_k: int) -> Dict:
                 pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
 
 
-VARIANTS = {  # name: (router top-k, k_a)
+FIXED = {  # name: (router top-k, k_a)
     "top-4": (4, 0),
     "top-2": (2, 0),
     "top-2+CE": (4, 2),
 }
 
 
-def build(a, top_k: int, k_a: int, aux: float):
+def variants(taus: List[float]) -> Dict[str, Tuple[int, int, float]]:
+    """name: (router top-k, k_a, tau or None). Mass variants: top-4 with 1..4 main experts per token
+    (k_a = 3 compressed slots, the most a token can have)."""
+    out = {n: (k, k_a, None) for n, (k, k_a) in FIXED.items()}
+    out.update({mass_name(t): (4, 3, t) for t in taus})
+    return out
+
+
+def mass_name(tau: float) -> str:
+    return f"mass tau={tau:g}"
+
+
+def build(a, top_k: int, k_a: int, aux: float, tau: float = None):
     from megatron_ce.models.olmoe import build_olmoe_model
 
     kw = dict(moe_router_load_balancing_type="aux_loss" if aux > 0 else "none", moe_aux_loss_coeff=aux)
+    if tau is not None:
+        kw.update(moe_ce_split="mass", moe_ce_main_mass=tau, moe_ce_min_main=top_k - k_a)
     return build_olmoe_model(hf_config(a, top_k), moe_ce_num_compressed=k_a, moe_ce_variant="ia3",
                              **kw)
+
+
+def main_experts_per_token(model, problems: List[Tuple[str, str]], batch: int = 256) -> List[float]:
+    """Mean main experts per token per layer on the problems (prompt + answer, one forward each)."""
+    from megatron_ce.paper.params import measure_main_per_token
+
+    toks = torch.tensor([encode(p + ans) for p, ans in problems])
+    pos = torch.arange(toks.shape[1]).unsqueeze(0)
+    batches = [dict(tokens=t, position_ids=pos.expand_as(t), attention_mask=None) for t in toks.split(batch)]
+    return measure_main_per_token(model, batches)["main_per_token"]
 
 
 def lm_loss(model, toks: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
@@ -250,12 +279,15 @@ def parse(argv=None):
     p.add_argument("--lat-new", type=int, default=16)
     p.add_argument("--lat-warmup", type=int, default=3)
     p.add_argument("--lat-iters", type=int, default=10)
+    p.add_argument("--taus", type=float, nargs="*", default=[0.3, 0.5, 0.7, 0.8, 0.9],
+                   help="tau of the adaptive-split (mass) variants; none: only the fixed variants")
     a = p.parse_args(argv)
     if a.smoke:
         a.seeds, a.layers, a.hidden, a.heads, a.ffn, a.experts = 1, 1, 32, 2, 32, 8
         a.pretrain_steps, a.pretrain_batch, a.pretrain_seq = 4, 4, 32
         a.sft_steps, a.sft_batch, a.n_eval, a.digits = 3, 8, 16, 2
         a.lat_new, a.lat_warmup, a.lat_iters = 2, 1, 2
+        a.taus = [0.5, 0.9]
     return a
 
 
@@ -264,18 +296,21 @@ def mean_spread(xs: List[float]) -> Tuple[float, float]:
 
 
 def write_outputs(res: Dict, out: str):
-    names = list(VARIANTS)
     agg = res["aggregate"]
+    names = list(agg)
     lines = [
-        "| variant | router top-k | k_a | experts run / token | held-out exact match (mean ± std) | "
-        "acc before SFT | latency s (mean ± std) | latency vs top-4 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | router top-k | k_a | experts run / token | active params / token | "
+        "held-out exact match (mean ± std) | acc before SFT | latency s (mean ± std) | latency vs top-4 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
-        k, k_a = VARIANTS[n]
         g = agg[n]
+        k, k_a, tau = g["topk"], g["k_a"], g["tau"]
+        run = f"{g['main_mean']:.2f} (measured)" if tau is not None else f"{k - k_a}"
+        k_a_s = f"{k} − run (≤ {k_a})" if tau is not None else f"{k_a}"
         lines.append(
-            f"| {n} | {k} | {k_a} | {k - k_a} | {100 * g['acc_mean']:.1f} ± {100 * g['acc_std']:.1f} % | "
+            f"| {n} | {k} | {k_a_s} | {run} | {g['active_params']:,.0f} | "
+            f"{100 * g['acc_mean']:.1f} ± {100 * g['acc_std']:.1f} % | "
             f"{100 * g['acc0_mean']:.1f} % | {g['lat_mean']:.4f} ± {g['lat_std']:.4f} | "
             f"{g['lat_mean'] / agg['top-4']['lat_mean']:.3f} |")
     rec = res["recovery"]
@@ -288,7 +323,19 @@ def write_outputs(res: Dict, out: str):
     for s, row in zip(res["seeds"], res["per_seed"]):
         per_seed.append(f"| {s} | " + " | ".join(f"{100 * row[n]['acc']:.1f}%" for n in names)
                         + f" | {row.get('theta_drift', float('nan')):.3f} |")
-    md = ["# Scaled-down CE trade-off reproduction", "", *lines, "", rec_line, "",
+    mass = [n for n in names if agg[n]["tau"] is not None]
+    mass_md = []
+    if mass:
+        mass_md = ["Adaptive split: measured main experts per token (mean over layers; per layer, seed "
+                   "means) on the held-out problems after SFT:", "",
+                   "| variant | tau | main / token | per layer | compressed / token |", "|---|---|---|---|---|"]
+        for n in mass:
+            g = agg[n]
+            mass_md.append(f"| {n} | {g['tau']:g} | {g['main_mean']:.3f} ± {g['main_std']:.3f} | "
+                           + ", ".join(f"{m:.2f}" for m in g["main_per_layer"])
+                           + f" | {g['topk'] - g['main_mean']:.3f} |")
+        mass_md.append("")
+    md = ["# Scaled-down CE trade-off reproduction", "", *lines, "", rec_line, "", *mass_md,
           "Per-seed held-out accuracy:", "", *per_seed, "",
           f"settings: {json.dumps(res['settings'])}", f"wall time: {res['wall_s']:.0f} s", ""]
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -301,18 +348,27 @@ def write_outputs(res: Dict, out: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
     colors = {"top-4": "tab:blue", "top-2": "tab:orange", "top-2+CE": "tab:green"}
-    for n in names:
+    for n in [n for n in names if n not in mass]:
         g = agg[n]
         ax.errorbar(g["lat_mean"], 100 * g["acc_mean"], xerr=g["lat_std"], yerr=100 * g["acc_std"],
-                    fmt="o", color=colors[n], capsize=3, label=n)
+                    fmt="o", color=colors.get(n, "k"), capsize=3, label=n)
         for row in res["per_seed"]:
-            ax.plot(row[n]["lat"], 100 * row[n]["acc"], ".", color=colors[n], alpha=0.35)
+            ax.plot(row[n]["lat"], 100 * row[n]["acc"], ".", color=colors.get(n, "k"), alpha=0.35)
+    if mass:  # one curve through the tau points, in tau order
+        pts = sorted(mass, key=lambda n: agg[n]["tau"])
+        ax.errorbar([agg[n]["lat_mean"] for n in pts], [100 * agg[n]["acc_mean"] for n in pts],
+                    xerr=[agg[n]["lat_std"] for n in pts], yerr=[100 * agg[n]["acc_std"] for n in pts],
+                    fmt="s-", color="tab:purple", capsize=3, label="mass split (tau)")
+        for n in pts:
+            g = agg[n]
+            ax.annotate(f"τ={g['tau']:g}\n{g['main_mean']:.2f} run", (g["lat_mean"], 100 * g["acc_mean"]),
+                        textcoords="offset points", xytext=(6, -14), fontsize=7, color="tab:purple")
     ax.set_xlabel(f"greedy decode latency, batch {res['settings']['lat_batch']} (s)")
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("Accuracy vs latency (scaled-down, CPU)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "tradeoff.png"), dpi=120)
     plt.close(fig)
@@ -338,15 +394,20 @@ def main(argv=None):
     state = {k: v.clone() for k, v in base.state_dict().items() if not k.endswith("_extra_state")}
     del base
 
+    from megatron_ce.paper.params import expected_active_params, model_counts
+
+    VARIANTS = variants(a.taus)
     seeds = list(range(a.seeds))
     per_seed = []
+    counts = {}  # variant: parameter counts of its model (dense, per expert, per compressed expert)
     for seed in seeds:
         eval_set, sample = split_problems(seed, a.n_eval, a.digits)
         models = {}
         row = {}
-        for n, (k, k_a) in VARIANTS.items():
+        for n, (k, k_a, tau) in VARIANTS.items():
             torch.manual_seed(seed)
-            m = build(a, k, k_a, aux=0.0)
+            m = build(a, k, k_a, aux=0.0, tau=tau)
+            counts[n] = model_counts(m)
             missing, unexpected = m.load_state_dict(state, strict=False)
             missing = [x for x in missing if not x.endswith("_extra_state")]
             assert not unexpected and all(".mlp.ce." in x for x in missing), (missing, unexpected)
@@ -355,12 +416,17 @@ def main(argv=None):
             train(m, a.sft_steps, a.sft_lr, lambda s: sft_batch([sample(drng) for _ in range(a.sft_batch)]),
                   f"seed {seed} {n}", max(1, a.sft_steps // 5))
             acc = exact_match(m, eval_set)
-            ce = [p for name_, p in m.named_parameters() if ".mlp.ce." in name_]
-            if ce:  # how far SFT moved the compressed experts from their initial ones
-                row["theta_drift"] = max(float((p.detach() - 1).abs().max()) for p in ce)
-                print(f"seed {seed} {n}: max |theta - 1| after SFT {row['theta_drift']:.4f}", flush=True)
             print(f"seed {seed} {n}: held-out exact match {acc:.3f} (before SFT {acc0:.3f})", flush=True)
             row[n] = dict(acc=acc, acc0=acc0)
+            ce = [p for name_, p in m.named_parameters() if ".mlp.ce." in name_]
+            if ce:  # how far SFT moved the compressed experts from their initial ones
+                row[n]["theta_drift"] = max(float((p.detach() - 1).abs().max()) for p in ce)
+                print(f"seed {seed} {n}: max |theta - 1| after SFT {row[n]['theta_drift']:.4f}", flush=True)
+                if n == "top-2+CE":  # the per-seed table's column
+                    row["theta_drift"] = row[n]["theta_drift"]
+            if tau is not None:
+                row[n]["main_per_layer"] = main_experts_per_token(m, eval_set)
+                print(f"seed {seed} {n}: main experts per token {row[n]['main_per_layer']}", flush=True)
             models[n] = m
         lat = latency(models, a, seed)
         for n in VARIANTS:
@@ -371,11 +437,20 @@ def main(argv=None):
         del models
 
     agg = {}
-    for n in VARIANTS:
+    for n, (k, k_a, tau) in VARIANTS.items():
         am, asd = mean_spread([r[n]["acc"] for r in per_seed])
         a0, _ = mean_spread([r[n]["acc0"] for r in per_seed])
         lm, lsd = mean_spread([r[n]["lat"] for r in per_seed])
-        agg[n] = dict(acc_mean=am, acc_std=asd, acc0_mean=a0, lat_mean=lm, lat_std=lsd)
+        agg[n] = dict(topk=k, k_a=k_a, tau=tau, acc_mean=am, acc_std=asd, acc0_mean=a0, lat_mean=lm,
+                      lat_std=lsd)
+        if tau is not None:
+            mm, msd = mean_spread([statistics.mean(r[n]["main_per_layer"]) for r in per_seed])
+            layers = [statistics.mean(ls) for ls in zip(*(r[n]["main_per_layer"] for r in per_seed))]
+            agg[n].update(main_mean=mm, main_std=msd, main_per_layer=layers)
+        # active parameters per token: exact for the fixed splits, the expectation over the measured
+        # main experts per token for the mass split (tools/count_params.py's formula)
+        run = agg[n]["main_per_layer"] if tau is not None else [k - k_a] * counts[n]["moe_layers"]
+        agg[n]["active_params"] = expected_active_params(counts[n], run, k)
 
     def recovery(ce, t2, t4):
         return None if abs(t4 - t2) < 1e-12 else (ce - t2) / (t4 - t2)

@@ -11,6 +11,9 @@ active = dense + sum_layers (k_m * expert_size + k_a * ce_size).
 The paper's formula is the same sum with the paper's own non-MoE figure (Phi-MoE: "2.4B", an
 approximation; OLMoE: not stated, we use the exact non-expert count without the router, which
 reproduces its 1.28B / 878M) and 3*d*ffn per expert, 2*d+ffn per compressed expert.
+
+Under the adaptive split (--moe-ce-split mass) k_m varies per token: `expected_cost` measures it on data
+with the trainer's routing statistics and reports the expected active count (see the section below).
 """
 
 from __future__ import annotations
@@ -156,4 +159,149 @@ def format_report(r: Dict[str, Any]) -> str:
             else "the paper's figures leave out the router weights, which every token uses (counted here)"
         )
         lines.append(f"  exact - formula = {n(r['active_base'] - f['active_base'])} (top-{r['topk']}): {why}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Expected active parameters under the adaptive split (--moe-ce-split mass)
+# ------------------------------------------------------------------------------------------------
+#
+# With the mass split the number of main experts k_m(t) varies per token, so "active parameters"
+# is an expectation over tokens, measured on data (it needs the router's probabilities). A token
+# with k_m main experts has k_a = k - k_m compressed experts: the layer reads k - min_main aux slots,
+# but a slot whose rank runs as a main expert has weight 0 (and a token with k_m = k has all-zero
+# weights and runs its main experts unmodulated), so it contributes nothing. Active per token is
+# linear in k_m, hence
+#     E[active] = dense + sum_layers (E[k_m] * expert_size + (k - E[k_m]) * ce_size).
+
+
+def expected_active_params(counts: Dict[str, int], main_per_token_per_layer, topk: int) -> float:
+    """dense + sum over MoE layers of (m * expert + (topk - m) * ce), m = mean main experts per token.
+
+    counts: {"dense", "expert_each", "ce_each"} (parameters; dense includes the router)."""
+    total = float(counts["dense"])
+    for m in main_per_token_per_layer:
+        if not 0 <= m <= topk:
+            raise ValueError(f"mean main experts per token {m} is outside [0, top-k={topk}]")
+        total += m * counts["expert_each"] + (topk - m) * counts["ce_each"]
+    return total
+
+
+def model_counts(gpt) -> Dict[str, int]:
+    """{"dense", "router", "expert_each", "ce_each", "moe_layers", "experts"} of a built GPTModel."""
+    from megatron_ce.training.metrics import moe_layers
+
+    g = group_counts(gpt)
+    L, n = len(moe_layers(gpt)), gpt.config.num_moe_experts
+    out = dict(dense=g["dense"], router=g["router"], expert_each=g["experts"] // (L * n),
+               ce_each=g["ce"] // (L * n), moe_layers=L, experts=n)
+    assert out["expert_each"] * L * n == g["experts"] and out["ce_each"] * L * n == g["ce"]
+    return out
+
+
+@torch.no_grad()
+def measure_main_per_token(gpt, batches) -> Dict[str, Any]:
+    """Forward `batches` (dicts with tokens, position_ids, attention_mask or None) and return the
+    trainer's routing statistics (megatron_ce.training.metrics.RoutingStats): per MoE layer the mean
+    number of main experts per token and its histogram over 0..E, plus the token count.
+
+    Every token of every batch is counted: pass batches without padding. Needs torch.distributed
+    (world size 1 is enough)."""
+    from megatron_ce.training.metrics import RoutingStats
+
+    cfg = gpt.config
+    stats = RoutingStats(gpt, cfg.num_layers, cfg.num_moe_experts, inference=True)
+    tokens = 0
+    try:
+        gpt.eval()
+        for b in batches:
+            gpt(b["tokens"], b["position_ids"], b.get("attention_mask"))
+            tokens += b["tokens"].numel()
+        r = stats.reduce_and_reset(topk=cfg.moe_router_topk, aux_coeff=0.0)
+    finally:
+        stats.close()
+    return dict(layer=r["layer"], main_per_token=r["main_per_token"],
+                main_per_token_hist=[[int(c) for c in h] for h in r["main_per_token_hist"]],
+                aux_mass=r["aux_mass"], tokens=tokens)
+
+
+def unpadded_batches(dataset, num_samples: int, micro_batch_size: int):
+    """Batches of the first `num_samples` rows of an SFT dataset with the padding cut off: each row is
+    trimmed to its real tokens (a causal model's outputs on them do not depend on what follows) and
+    rows of equal length are batched together. Block-diagonal masks for boundary-packed rows."""
+    from megatron_ce.data import packed_attention_mask
+    from megatron_ce.training.data import needs_attention_mask
+
+    with_mask = needs_attention_mask(dataset)
+    by_len: Dict[int, list] = {}
+    for i in range(min(num_samples, len(dataset))):
+        it = dataset[i]
+        n = int((it["document_ids"] >= 0).sum())  # padding has document id -1, at the end
+        if n > 0:
+            by_len.setdefault(n, []).append({k: it[k][:n] for k in ("tokens", "position_ids", "document_ids")})
+    for n, rows in sorted(by_len.items()):
+        for j in range(0, len(rows), micro_batch_size):
+            chunk = rows[j:j + micro_batch_size]
+            b = {k: torch.stack([r[k] for r in chunk]) for k in ("tokens", "position_ids", "document_ids")}
+            b["attention_mask"] = packed_attention_mask(b["document_ids"]) if with_mask else None
+            yield b
+
+
+def expected_cost(gpt, batches, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Measured expected active parameters per token of a (mass-split) CE model over `batches`."""
+    cfg = gpt.config
+    k = cfg.moe_router_topk
+    counts = model_counts(gpt)
+    m = measure_main_per_token(gpt, batches)
+    if counts["moe_layers"] != len(m["layer"]):
+        raise ValueError(f"{counts['moe_layers']} MoE layers but routing seen in {len(m['layer'])}")
+    split = getattr(cfg, "moe_ce_split", "fixed")
+    min_main = cfg.moe_ce_min_main if split == "mass" else k - cfg.moe_ce_num_compressed
+    max_main = cfg.moe_ce_max_main if split == "mass" else min_main
+    L = counts["moe_layers"]
+
+    def fixed(k_main):  # every token with k_main main experts and k - k_main compressed
+        return counts["dense"] + L * (k_main * counts["expert_each"] + (k - k_main) * counts["ce_each"])
+
+    hist = torch.tensor(m["main_per_token_hist"], dtype=torch.float64).sum(0)
+    res = dict(
+        (meta or {}), split=split, tau=cfg.moe_ce_main_mass if split == "mass" else None, topk=k,
+        min_main=min_main, max_main=max_main, ce_slots=cfg.moe_ce_num_compressed, variant=cfg.moe_ce_variant,
+        dense_params=counts["dense"], router_params=counts["router"], expert_each=counts["expert_each"],
+        ce_each=counts["ce_each"], moe_layers=L, experts=counts["experts"],
+        tokens=m["tokens"], layer=m["layer"], main_per_token=m["main_per_token"],
+        main_per_token_hist=m["main_per_token_hist"], aux_mass=m["aux_mass"],
+        main_per_token_mean=sum(m["main_per_token"]) / L,
+        main_share=[float(c) / float(hist.sum()) for c in hist[: k + 1]],  # all layers, k_m = 0..k
+        expected_active=expected_active_params(counts, m["main_per_token"], k),
+        active_topk=fixed(k),  # k main experts, no compressed: plain top-k
+        active_fixed_min=fixed(min_main),
+    )
+    res["reduction_pct"] = 100.0 * (res["active_topk"] - res["expected_active"]) / res["active_topk"]
+    return res
+
+
+def format_expected_report(r: Dict[str, Any]) -> str:
+    k, L = r["topk"], r["moe_layers"]
+    rule = (f"mass split tau={r['tau']:g}, main experts in [{r['min_main']}, {r['max_main']}]"
+            if r["split"] == "mass" else f"fixed split, {r['min_main']} main")
+    lines = [
+        f"top-{k} of {r['experts']} experts, {L} MoE layers, {rule} ({r['variant']}); "
+        f"measured on {r['tokens']:,} tokens" + (f" of {r['data']}" if r.get("data") else ""),
+        f"  per expert {r['expert_each']:,}, per compressed expert {r['ce_each']:,}, dense (incl. router "
+        f"{r['router_params']:,}) {r['dense_params']:,}",
+        "",
+        f"  {'layer':>5s} {'mean k_m':>9s} {'mean k_a':>9s} {'aux mass':>9s}  tokens with k_m = 1..{k}",
+    ]
+    for n, mk, a, h in zip(r["layer"], r["main_per_token"], r["aux_mass"], r["main_per_token_hist"]):
+        tot = sum(h) or 1
+        dist = " ".join(f"{100 * c / tot:5.1f}%" for c in h[1: k + 1])
+        lines.append(f"  {n:5d} {mk:9.3f} {k - mk:9.3f} {a:9.3f}  {dist}")
+    lines += [
+        f"  {'mean':>5s} {r['main_per_token_mean']:9.3f} {k - r['main_per_token_mean']:9.3f}",
+        "",
+        f"  expected active params / token  {r['expected_active']:>16,.0f}  (-{r['reduction_pct']:.1f}% vs top-{k})",
+        f"  active, top-{k} (no CE)          {r['active_topk']:>16,}",
+        f"  active, top-{r['min_main']} + {k - r['min_main']} CE (fixed)    {r['active_fixed_min']:>16,}",
+    ]
     return "\n".join(lines)

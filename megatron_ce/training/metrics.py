@@ -33,16 +33,26 @@ def moe_layers(gpt_model) -> Dict[int, torch.nn.Module]:
 
 
 class RoutingStats:
-    def __init__(self, gpt_model, num_layers: int, num_experts: int):
+    """Router statistics from forward hooks. Training (default) counts the forwards that build the
+    graph; `inference=True` counts forwards run under no_grad (measurement tools)."""
+
+    def __init__(self, gpt_model, num_layers: int, num_experts: int, inference: bool = False):
         self.L, self.E = num_layers, num_experts
         self.enabled = True
         # Full activation recompute runs each layer's forward twice: first under no_grad, then again
         # with grad in the backward pass. Count the first one only.
-        self.count_with_grad = getattr(gpt_model.config, "recompute_granularity", None) != "full"
+        recompute = getattr(gpt_model.config, "recompute_granularity", None) == "full"
+        self.count_with_grad = not inference and not recompute
         self.layers = moe_layers(gpt_model)
         self._reset()
         self._handles = [layer.router.register_forward_hook(self._hook(n))
                          for n, layer in self.layers.items()]
+
+    def close(self):
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def _reset(self):
         L, E = self.L, self.E
