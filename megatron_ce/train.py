@@ -14,6 +14,19 @@ import warnings
 
 
 def main(argv=None) -> int:
+    """Under torchrun, wrapped in its @record: an uncaught exception of a rank (e.g. a collective that
+    lost its peer) goes to torchrun's error file, so its failure summary shows the message, not only the
+    exit code. Outside torchrun, torch is not imported before the flags are checked (fast errors)."""
+    import os
+
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv=None) -> int:
     from megatron_ce.training.args import ArgError, exit_on_arg_error, parse_args
 
     try:
