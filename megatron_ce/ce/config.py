@@ -57,6 +57,15 @@ class CETransformerConfig(TransformerConfig):
         return self.moe_router_topk - self.moe_ce_num_compressed
 
 
+def dispatch_topk(cfg) -> int:
+    """Expert selections per token that are dispatched: k_m (fixed split) or the most a token may run
+    (mass split). Expert capacity and the dispatcher's buffer sizes count these, not the full top-k:
+    compressed experts are never dispatched."""
+    if getattr(cfg, "moe_ce_split", "fixed") == "mass":
+        return cfg.moe_ce_max_main
+    return cfg.moe_router_topk - getattr(cfg, "moe_ce_num_compressed", 0)
+
+
 def _check(ok: bool, msg: str):
     if not ok:
         raise ConfigError(msg)
@@ -124,9 +133,9 @@ def validate_ce(cfg: TransformerConfig):
         "--moe-router-load-balancing-type=sinkhorn is not supported with --moe-ce-num-compressed",
     )
     _check(
-        cfg.moe_expert_capacity_factor is None,
-        "--moe-expert-capacity-factor is not supported with --moe-ce-num-compressed yet "
-        "(token dropping must apply to main experts only)",
+        not (getattr(cfg, "moe_ce_split", "fixed") == "mass" and cfg.moe_permute_fusion),
+        "--moe-permute-fusion is not supported with --moe-ce-split=mass (the fused permute needs a fixed "
+        "number of dispatched experts per token)",
     )
     _check(
         not cfg.moe_apply_probs_on_input,

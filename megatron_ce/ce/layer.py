@@ -13,13 +13,14 @@ megatron-core also sums them over tensor-parallel ranks (each TP rank sees only 
 slice of theta_down).
 """
 
+import copy
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_ce.ce.config import validate_ce
+from megatron_ce.ce.config import dispatch_topk, validate_ce
 
 
 class CompressedExperts(torch.nn.Module):
@@ -79,6 +80,17 @@ class CEMoELayer(MoELayer):
                 config.params_dtype,
             )
             self.expt_tp_group = (pg_collection or self._default_pgs()).expt_tp
+            self._dispatch_main_only()
+
+    def _dispatch_main_only(self):
+        """The dispatcher sizes its buffers (output token count, expert capacity when padding) from the
+        top-k; only the main selections are dispatched, so it gets a config view with that count."""
+
+        td, k = self.token_dispatcher, dispatch_topk(self.config)
+        td.config = copy.copy(td.config)
+        td.config.moe_router_topk = k
+        if hasattr(td, "router_topk"):
+            td.router_topk = k
 
     @staticmethod
     def _default_pgs():

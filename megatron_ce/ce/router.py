@@ -9,7 +9,10 @@ remaining k_a into a per-token auxiliary selection (indices + weights renormalis
 from typing import Optional, Tuple
 
 import torch
+from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
 from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_ce.ce.config import dispatch_topk
 
 
 class CERouterMixin:
@@ -70,9 +73,25 @@ class CERouterMixin:
         return n.clamp(cfg.moe_ce_min_main, cfg.moe_ce_max_main)
 
     def route_ce(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Route and split: (main_probs, main_map, aux_idx, aux_w), tokens flattened to [T, ...]."""
-        probs, routing_map = self(hidden_states, padding_mask)
-        return self.split_main_aux(probs, routing_map)
+        """Route and split: (main_probs, main_map, aux_idx, aux_w), tokens flattened to [T, ...].
+
+        With --moe-expert-capacity-factor, tokens are dropped (and padded) on the main selections only,
+        after the split: compressed experts cost no expert capacity, and a dropped aux selection would
+        change the token's compressed experts. The parent's own dropping on the full top-k is skipped."""
+        cfg = self.config
+        capacity_factor = cfg.moe_expert_capacity_factor
+        if capacity_factor is None:
+            return self.split_main_aux(*self(hidden_states, padding_mask))
+        cfg.moe_expert_capacity_factor = None  # the parent reads it per call; restored below
+        try:
+            probs, routing_map = self(hidden_states, padding_mask)
+        finally:
+            cfg.moe_expert_capacity_factor = capacity_factor
+        main_probs, main_map, aux_idx, aux_w = self.split_main_aux(probs, routing_map)
+        main_probs, main_map = apply_router_token_dropping(
+            main_probs, main_map, router_topk=dispatch_topk(cfg), capacity_factor=capacity_factor,
+            drop_policy=cfg.moe_token_drop_policy, pad_to_capacity=cfg.moe_pad_expert_input_to_capacity)
+        return main_probs, main_map, aux_idx, aux_w
 
 
 class CETopKRouter(CERouterMixin, TopKRouter):

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("MoE / Compressed Experts")
     g.add_argument("--moe-token-dispatcher-type", choices=("allgather", "alltoall", "flex"), default="alltoall")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="token dropping: each expert takes at most this factor x its even share of the main "
+                        "selections (default: dropless)")
+    g.add_argument("--moe-token-drop-policy", choices=("probs", "position"), default="probs")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
     g.add_argument("--moe-grouped-gemm", action="store_true")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
                    help="load-balancing loss on the full top-k (default 0: off, as the reference SFT)")
@@ -213,6 +218,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
           "give only one of --lr-warmup-fraction and --lr-warmup-iters")
     _need(args.clip_grad >= 0, f"--clip-grad={args.clip_grad} must be >= 0")
     _need(args.moe_aux_loss_coeff >= 0, f"--moe-aux-loss-coeff={args.moe_aux_loss_coeff} must be >= 0")
+    _need(args.moe_expert_capacity_factor is None or args.moe_expert_capacity_factor > 0,
+          f"--moe-expert-capacity-factor={args.moe_expert_capacity_factor} must be > 0")
+    _need(not args.moe_pad_expert_input_to_capacity or args.moe_expert_capacity_factor is not None,
+          "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     _need(args.save_interval is None or args.save, "--save-interval needs --save")
     _need(args.moe_token_dispatcher_type != "flex",
           "--moe-token-dispatcher-type=flex needs DeepEP (GPU); use alltoall or allgather")

@@ -51,6 +51,9 @@ def _config_overrides(args) -> Dict[str, Any]:
         expert_tensor_parallel_size=args.expert_tensor_parallel_size or tp,
         sequence_parallel=args.sequence_parallel,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_token_drop_policy=args.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
         moe_grouped_gemm=args.moe_grouped_gemm,
         moe_use_legacy_grouped_gemm=args.moe_grouped_gemm and args.transformer_impl == "local",
         # DESIGN.md §1 item 10: the load-balancing loss is a flag, off by default for SFT.

@@ -9,6 +9,8 @@ double-precision gradient checks stay exact); all expert math is done in that sa
 and the result is cast back to ``x.dtype``.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +60,7 @@ def _swiglu_expert(x_gate, x_up, wg, wu, wd, c_down=None):
 
 
 def reference_ce_moe(x, router_weight, w_gate, w_up, w_down, thetas, topk, num_compressed,
-                     variant="ia3", pre_softmax=True):
+                     variant="ia3", pre_softmax=True, keep=None):
     """x: [T, d]; router_weight: [n, d] (logits = x @ router_weight.T, computed in fp32);
     w_gate, w_up: [n, F, d] (expert e: g = w_gate[e] @ x_e); w_down: [n, d, F];
     thetas: dict -- variant "ia3": {"gate": [n, d], "up": [n, d], "down": [n, F]};
@@ -70,7 +72,9 @@ def reference_ce_moe(x, router_weight, w_gate, w_up, w_down, thetas, topk, num_c
     Returns y: [T, d] = sum over main experts e of weight_e * y_e, with y_e per DESIGN §1 item 6 (ia3:
       W_d((silu(W_g(x*c_g)) * W_u(x*c_u)) * c_d); hidden: plain SwiGLU expert on x*theta_tok), c from the
       aux experts' thetas weighted by aux weights renormalised to sum 1 (item 3/5). k_a = 0 -> plain top-k MoE.
-    Ranking: descending by score (ties: lower expert index first)."""
+    Ranking: descending by score (ties: lower expert index first).
+    keep: optional set of (token, expert) main selections that run (capacity dropping, see
+      `capacity_keep`); the others contribute nothing, and the token's compressed experts are unchanged."""
     assert variant in ("ia3", "hidden"), variant
     k_a = int(num_compressed)
     assert 0 <= k_a < topk, f"need 0 <= num_compressed < topk, got {k_a}, {topk}"
@@ -105,6 +109,8 @@ def reference_ce_moe(x, router_weight, w_gate, w_up, w_down, thetas, topk, num_c
         # the same c vectors serve every main expert of this token.
         yt = torch.zeros(d, dtype=cdt, device=x.device)
         for e, w_e in main:
+            if keep is not None and (t, e) not in keep:
+                continue
             y_e = _swiglu_expert(x_gate, x_up, w_gate[e].to(cdt), w_up[e].to(cdt),
                                  w_down[e].to(cdt), c_down)
             yt = yt + w_e * y_e
@@ -215,3 +221,23 @@ if __name__ == "__main__":
                           wd.bfloat16(), ones_ia3, k, 1)
     assert yb.dtype == torch.bfloat16 and yb.shape == (T, d)
     print("reference.py self-check OK")
+
+
+def main_selections(x, router_weight, topk, k_main, pre_softmax=True):
+    """Per token, the main experts [(expert, weight)] (the first k_main of the ranked top-k)."""
+    return [r[:k_main] for r in _route(x, router_weight, topk, pre_softmax)]
+
+
+def capacity_keep(main_sel, num_experts, capacity_factor, per_token, policy="probs"):
+    """Token dropping on main selections: each expert keeps at most C = ceil(T * per_token / n * cf)
+    of the tokens routed to it, the highest-weight ones ("probs") or the earliest ("position").
+    Returns the set of kept (token, expert)."""
+    T = len(main_sel)
+    cap = math.ceil(T * per_token / num_experts * capacity_factor)
+    keep = set()
+    for e in range(num_experts):
+        routed = [(t, float(w.detach())) for t, sel in enumerate(main_sel) for j, w in sel if j == e]
+        if policy == "probs":
+            routed.sort(key=lambda tw: -tw[1])
+        keep.update((t, e) for t, _ in routed[:cap])
+    return keep

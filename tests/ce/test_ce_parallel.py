@@ -52,6 +52,13 @@ def test_ce_mass_split_ep2_alltoall(tmp_path):
     _check(tmp_path, dict(ep=2, dispatcher="alltoall"), mass)
 
 
+def test_ce_capacity_padded_ep2_alltoall(tmp_path):
+    """Token dropping and padding to capacity on the main selections at EP=2 equal the world-1 run:
+    capacity is per micro-batch of local tokens, the same micro-batches in both runs."""
+    capped = {**CE, "moe_expert_capacity_factor": 0.5, "moe_pad_expert_input_to_capacity": True}
+    _check(tmp_path, dict(ep=2, dispatcher="alltoall"), capped)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "layout,config",

@@ -41,8 +41,8 @@ CASES = [
     ),
     (dict(gated_linear_unit=False), "--moe-ce-variant=ia3 needs SwiGLU experts (--swiglu)"),
     (
-        dict(moe_expert_capacity_factor=1.0),
-        "--moe-expert-capacity-factor is not supported with --moe-ce-num-compressed",
+        dict(moe_ce_split="mass", moe_ce_num_compressed=0, moe_permute_fusion=True),
+        "--moe-permute-fusion is not supported with --moe-ce-split=mass",
     ),
 ]
 
