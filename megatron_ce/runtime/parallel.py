@@ -14,9 +14,11 @@ __all__ = ["init_parallel", "destroy_parallel"]
 
 
 def _init_process_group(timeout: Optional[datetime.timedelta]) -> None:
-    """Initialise the default process group from torchrun env vars (gloo on CPU, nccl on CUDA)."""
+    """Initialise the default process group from torchrun env vars (gloo on CPU; with CUDA, NCCL for CUDA
+    tensors and gloo for CPU ones: the trainer reduces small CPU tensors such as loss sums and the
+    stop/save-failure flags over the world group)."""
     cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     kwargs = {} if timeout is None else {"timeout": timeout}
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -131,8 +131,11 @@ def _cuda_runtime_facts(rank, world_size):
         from megatron.core import utils as mcore_utils
         from megatron.core.transformer.moe import grouped_gemm_util
 
+        flag = torch.ones(1)  # the trainer's CPU-tensor collectives (loss sums, stop flags) go over gloo
+        torch.distributed.all_reduce(flag)
         return dict(
             backend=str(torch.distributed.get_backend()),
+            cpu_all_reduce=float(flag) == world_size,
             shims_applied=apply_cpu_shims(),
             mcore_torch_untouched=mcore_utils.torch is torch,
             gmm_untouched=getattr(grouped_gemm_util.ops, "gmm", None) is not cpu_gmm,
@@ -144,7 +147,8 @@ def _cuda_runtime_facts(rank, world_size):
 @pytest.mark.gpu
 def test_cuda_runtime_is_nccl_and_unshimmed():
     facts = run_distributed(_cuda_runtime_facts, 1, timeout=120)
-    assert facts == dict(backend="nccl", shims_applied=False, mcore_torch_untouched=True, gmm_untouched=True), facts
+    assert facts == dict(backend="cpu:gloo,cuda:nccl", cpu_all_reduce=True, shims_applied=False,
+                         mcore_torch_untouched=True, gmm_untouched=True), facts
 
 
 @pytest.mark.gpu
