@@ -14,15 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def quiet_environment_warnings():
-    """megatron-core warns on import that Apex / Transformer Engine are absent, and about its own
-    default cuda_graph_scope: conversion runs no kernels, so these only bury the result (or the one-line
-    error) on stderr."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
-    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+from megatron_ce.convert.cli import quiet_environment_warnings, run_conversion  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,10 +35,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     quiet_environment_warnings()
-    from megatron_ce.convert import ConversionError, convert_hf_to_megatron
-    from megatron_ce.ce.config import ConfigError
 
-    try:
+    def convert():
+        from megatron_ce.convert import convert_hf_to_megatron
+
         out = convert_hf_to_megatron(
             args.load_dir,
             args.save_dir,
@@ -56,11 +48,9 @@ def main(argv=None):
             dtype=args.dtype,
             progress=not args.no_progress,
         )
-    except (ConversionError, ConfigError, OSError) as e:  # OSError: e.g. an unwritable --save-dir
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        return f"wrote {out}"
+
+    return run_conversion(convert)
 
 
 if __name__ == "__main__":
