@@ -53,12 +53,9 @@ def _main(argv=None) -> int:
     except DataError as e:
         print(f"megatron_ce.train: data error: {e}", file=sys.stderr, flush=True)
         code = 2
-    except CheckpointSaveError as e:
-        print(f"megatron_ce.train: checkpoint error: {e}", file=sys.stderr, flush=True)
-        code = 4
     except CheckpointError as e:
         print(f"megatron_ce.train: checkpoint error: {e}", file=sys.stderr, flush=True)
-        code = 2
+        code = 4 if isinstance(e, CheckpointSaveError) else 2
     except TrainingStopped as e:
         print(f"megatron_ce.train: {e}", file=sys.stderr, flush=True)
         code = 3

@@ -251,7 +251,7 @@ def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, 
         dist_checkpointing.save(gpt_model.sharded_state_dict(), tmp)
         rank_state = dict(layout=parallel_layout(args), rng=rng_state(),
                           optimizer=None if args.no_save_optim else optimizer_rank_state(optimizer, gpt_model))
-        path = os.path.join(tmp, f"rank_{_rank():05d}.pt")
+        path = rank_state_path(tmp, _rank())
         with open(path + ".part", "wb") as f:
             torch.save(rank_state, f)
             f.flush()
@@ -302,9 +302,9 @@ def find_checkpoint(root: str) -> Optional[str]:
         if any(d.startswith("iter_") and not d.endswith((".tmp", ".old")) for d in os.listdir(root)):
             raise CheckpointError(f"{root} has iter_* folders but no {TRACKER}")
         return None
-    with open(tracker, encoding="utf-8") as f:
-        it = f.read().strip()
-    path = os.path.join(root, RELEASE) if it == RELEASE else iter_dir(root, int(it))
+    path = read_tracker(root)
+    if path is None:
+        raise CheckpointError(f"{tracker}: expected '{RELEASE}' or an iteration number")
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise CheckpointError(f"{TRACKER} names {path}, which is not a complete checkpoint")
     return path

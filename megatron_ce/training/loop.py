@@ -130,21 +130,21 @@ def wrap_model(gpt, args):
 
 
 def resume_source(args):
-    """(checkpoint folder, resume?): resume from --load (default --save) if it has a training
-    checkpoint; weights only from a converted 'release' checkpoint there, with --finetune, or from
-    --pretrained-checkpoint when there is nothing to resume; else (None, False)."""
+    """(checkpoint folder, its training state or None): resume from --load (default --save) if it has a
+    training checkpoint; weights only (state None) from a converted 'release' checkpoint there, with
+    --finetune, or from --pretrained-checkpoint when there is nothing to resume; else (None, None)."""
     path = ckpt.find_checkpoint(args.load or args.save) if (args.load or args.save) else None
     if args.load and path is None:
         raise ArgError(f"--load={args.load} holds no checkpoint ({ckpt.TRACKER} missing)")
     if path is not None:
-        return path, ckpt.read_train_state(path) is not None and not args.finetune
+        return path, None if args.finetune else ckpt.read_train_state(path)
     if args.pretrained_checkpoint:
         path = ckpt.find_checkpoint(args.pretrained_checkpoint) or args.pretrained_checkpoint
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise ArgError(f"--pretrained-checkpoint={args.pretrained_checkpoint} is not a megatron-core dist "
                            "checkpoint (no .metadata) nor a folder with latest_checkpointed_iteration.txt")
-        return path, False
-    return None, False
+        return path, None
+    return None, None
 
 
 def restore(state, rank_state, source, optimizer, scheduler, args):
@@ -193,15 +193,14 @@ def train(args) -> Dict[str, object]:
 
     # Model, weights, optimizer, schedule.
     gpt, meta = model_provider(args, len(tokenizer))
-    source, resume = resume_source(args)
-    state, rank_state = None, None
+    source, state = resume_source(args)
+    rank_state = None
     if source is not None:
-        if resume:  # checked before the weights: a changed setting is the likelier mistake
-            state = ckpt.read_train_state(source)
+        if state is not None:  # checked before the weights: a changed setting is the likelier mistake
             ckpt.check_model_settings(state.get("model"), ckpt.model_settings(gpt.config), source)
         ckpt.load_model_weights(gpt, source)
         print0(f"loaded model weights from {source}")
-        if resume:
+        if state is not None:
             usable = state["layout"] == ckpt.parallel_layout(args) and not (args.no_load_optim and args.no_load_rng)
             rank_state = ckpt.load_rank_state(source, state, usable)
     model = wrap_model(gpt, args)
