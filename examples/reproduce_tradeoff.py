@@ -5,7 +5,7 @@
    character-level corpus: a mixture of algorithmic tasks (addition of 1/3/4-digit numbers, subtraction,
    reversal, copy), with the load-balancing loss on. Additions of the SFT width never occur in it.
 2. From that same checkpoint, SFT each variant on one task (2-digit addition by default, answer written least
-   significant digit first), loss on the answer tokens, no load-balancing loss (DESIGN.md §1 item 10):
+   significant digit first), loss on the answer tokens, no load-balancing loss (docs/METHOD.md §1.11):
      top-4          : the pretrained routing
      top-2          : router top-k cut to 2
      top-2+CE       : top-k 4 with k_a = 2 compressed experts (ia3 variant; theta initialised to ones)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SHAPES = {  # hidden, expert ffn, experts, top-k (DESIGN.md §2, §3)
+SHAPES = {  # hidden, expert ffn, experts, top-k (docs/METHOD.md §2, §3)
     "olmoe": dict(d=2048, ffn=1024, n=64, k=8),
     "phimoe": dict(d=4096, ffn=6400, n=16, k=2),
 }

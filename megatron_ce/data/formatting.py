@@ -2,7 +2,7 @@
 
 Two formats:
 
-* ``alpaca`` – the reference's prompt (DESIGN.md §4)::
+* ``alpaca`` – the reference's prompt (docs/METHOD.md §4)::
 
       Below is an instruction that describes a task. Write a response that appropriately completes
       the request.\\n\\n### Instruction:\\n{instruction}\\n\\n### Response:\\n{response}

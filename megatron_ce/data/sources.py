@@ -45,7 +45,7 @@ class TaskPreset:
     first_turn_only: bool = False  # use only the first user/assistant pair of `messages`
 
 
-# DESIGN.md §4: the datasets of the paper's SFT runs and their field layouts.
+# docs/METHOD.md §4: the datasets of the paper's SFT runs and their field layouts.
 TASK_PRESETS = {
     "math": TaskPreset("TIGER-Lab/MathInstruct", prompt_field="instruction", response_field="output"),
     "coding": TaskPreset("ise-uiuc/Magicoder-Evol-Instruct-110K", prompt_field="instruction",

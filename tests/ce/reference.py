@@ -1,6 +1,6 @@
 """Naive, independent plain-torch reference of a Compressed-Experts (CE) MoE layer.
 
-Follows /work/shared/DESIGN.md section 1 ("Compressed Experts -- exact math") literally.
+Follows docs/METHOD.md §1 ("The compressed-expert layer") literally.
 Deliberately slow: explicit Python loops over tokens and experts, no megatron code, so that it can
 serve as ground truth (outputs *and* autograd gradients) for the optimised implementation.
 
