@@ -2,13 +2,19 @@
 """Convert a megatron-core dist checkpoint (saved at any TP/EP/PP) to an HF model directory.
 
     python tools/convert_megatron_to_hf.py --load-dir MEGATRON_DIR --save-dir HF_DIR \
-        [--dtype auto] [--max-shard-size 2GB]
+        [--dtype auto] [--max-shard-size 2GB] [--format native|reference]
 
 MEGATRON_DIR is a save dir with latest_checkpointed_iteration.txt, or a checkpoint directory itself.
 The model is described by megatron_ce.json (written by convert_hf_to_megatron.py); without it pass
 --hf-config CONFIG_JSON (and --moe-ce-num-compressed / --moe-ce-variant for a CE model).
 Writes safetensors shards (+ index) and config.json; experts in the per-expert layout that every
 transformers version loads.
+
+--format native (default): a CE model gets our tables (`mlp.ce.*`), model_type `<family>_ce` and the
+modeling code beside the weights (AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)).
+--format reference: the reference implementation's layout (OLMoE only, ia3, k_a >= 1, ffn <= hidden):
+`model.layers.N.mlp.ces` [n, 3, hidden] (slots: gate, down in the first ffn entries padded with ones,
+up), config.json = OLMoE's (model_type olmoe) plus `n_ce`.
 """
 
 import argparse
@@ -30,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--model-type", default=None, help="override the model family")
     p.add_argument("--moe-ce-num-compressed", type=int, default=None, help="override k_a")
     p.add_argument("--moe-ce-variant", choices=("ia3", "hidden"), default=None, help="override the CE variant")
+    p.add_argument("--format", choices=("native", "reference"), default="native",
+                   help="CE tables as ours (native) or as the reference implementation's `ces` tensor")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p.parse_args(argv)
 
@@ -40,8 +48,10 @@ def main(argv=None):
 
     def convert():
         from megatron_ce.convert import convert_megatron_to_hf
+        from megatron_ce.hf.export import convert_megatron_to_reference
 
-        shards = convert_megatron_to_hf(
+        export = convert_megatron_to_reference if args.format == "reference" else convert_megatron_to_hf
+        shards = export(
             args.load_dir,
             args.save_dir,
             dtype=args.dtype,

@@ -5,9 +5,11 @@ mcore names are those of the TP=PP=EP=1 state dict; `{layer}` and `{expert}` are
 
 from __future__ import annotations
 
+import torch
+
 from megatron_ce.convert.families import CETables, Family, register
 from megatron_ce.convert.hf_io import FusedExperts
-from megatron_ce.convert.mapping import QKV, Context, Direct, GatedMLP, Router, Sliced
+from megatron_ce.convert.mapping import QKV, Context, Direct, GatedMLP, Mapping, Router
 
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
@@ -46,30 +48,59 @@ CE_HF = {
     "ia3": {"gate": H + "mlp.ce.gate", "up": H + "mlp.ce.up", "down": H + "mlp.ce.down"},
     "hidden": {"hidden": H + "mlp.ce.hidden"},
 }
-# Reference implementation (HF OLMoE + `OlmoeSparseCompressedMoeBlock`): one tensor `ces` [n, 3, d]
-# per layer holding theta_gate, theta_up and theta_down (the latter sliced to [:ffn]).
+# Reference implementation (HF OLMoE + `OlmoeSparseCompressedMoeBlock`): one tensor `ces` [n, 3, d] per
+# layer. Its `OlmoeCEMLP.forward(x, e1, e2, e3)` computes down_proj((act(gate_proj(x*e1)) * up_proj(x*e3)) * e2)
+# with e1 = ces[:, 0], e2 = ces[:, 1, :ffn], e3 = ces[:, 2]: the slots are gate, down, up (not the order
+# of mention; docs/METHOD.md).
 REFERENCE_CES = H + "mlp.ces"
+REFERENCE_SLOTS = {"gate": 0, "down": 1, "up": 2}
 
 
-def reference_import():
-    def down(t, ctx: Context):
-        if ctx.moe_ffn_hidden_size > t.shape[-1]:
+class ReferenceCES(Mapping):
+    """The reference `ces` [n, 3, d] <-> our ia3 tables gate [n, d], up [n, d], down [n, ffn].
+
+    theta_down fills the first ffn entries of its slot (the reference slices `[:ffn]`); the export pads
+    the rest with ones, the value the reference initialises them to."""
+
+    def __init__(self):
+        self.megatron = dict(CE_MEGATRON["ia3"])
+        self.hf = {"ces": REFERENCE_CES}
+
+    @staticmethod
+    def _check(ctx: Context):
+        if ctx.moe_ffn_hidden_size > ctx.hidden_size:
             raise ValueError(
-                f"reference ces has width {t.shape[-1]} < ffn {ctx.moe_ffn_hidden_size}: cannot hold theta_down"
+                f"the reference `ces` [n, 3, hidden={ctx.hidden_size}] cannot hold theta_down of size "
+                f"ffn={ctx.moe_ffn_hidden_size} (the reference code needs ffn <= hidden)"
             )
-        return t[:, 2, : ctx.moe_ffn_hidden_size]
 
-    return [
-        Sliced(
-            REFERENCE_CES,
-            {
-                "gate": (CE_MEGATRON["ia3"]["gate"], lambda t, ctx: t[:, 0]),
-                "up": (CE_MEGATRON["ia3"]["up"], lambda t, ctx: t[:, 1]),
-                "down": (CE_MEGATRON["ia3"]["down"], down),
-            },
-            hf_shape=lambda mc, ctx: (ctx.num_experts, 3, ctx.hidden_size),
-        )
-    ]
+    def to_megatron(self, hf, ctx):
+        self._check(ctx)
+        ces, ffn = hf["ces"], ctx.moe_ffn_hidden_size
+        out = {r: ces[:, s] for r, s in REFERENCE_SLOTS.items()}
+        out["down"] = out["down"][:, :ffn]
+        return {r: t.contiguous().clone() for r, t in out.items()}
+
+    def to_hf(self, mc, ctx):
+        self._check(ctx)
+        down = mc["down"]
+        n, ffn = down.shape
+        padded = torch.ones(n, ctx.hidden_size, dtype=down.dtype)
+        padded[:, :ffn] = down
+        slots = dict(mc, down=padded)
+        ces = torch.stack([slots[r] for r in sorted(REFERENCE_SLOTS, key=REFERENCE_SLOTS.get)], dim=1)
+        return {"ces": ces.to(mc["gate"].dtype)}  # the dtype the engine planned the tensor with
+
+    def hf_shapes(self, mc_shapes, ctx):
+        return {"ces": (mc_shapes["gate"][0], len(REFERENCE_SLOTS), ctx.hidden_size)}
+
+    def __repr__(self):
+        return f"ReferenceCES({self.hf['ces']!r})"
+
+
+def reference_ces():
+    """The mappings of the reference CE format (both directions)."""
+    return [ReferenceCES()]
 
 
 def build_model(hf_config, moe_ce_num_compressed=0, moe_ce_variant="ia3", **overrides):
@@ -89,7 +120,7 @@ OLMOE = register(
         architectures=("OlmoeForCausalLM",),
         build_model=build_model,
         table=table,
-        ce=CETables(CE_MEGATRON, CE_HF, reference=reference_import, reference_probe=REFERENCE_CES.format(layer=0)),
+        ce=CETables(CE_MEGATRON, CE_HF, reference=reference_ces, reference_probe=REFERENCE_CES.format(layer=0)),
         # transformers 5.x in-memory layout, should it be found on disk.
         fused_experts=(
             FusedExperts(

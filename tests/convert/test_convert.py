@@ -181,7 +181,7 @@ def test_reference_ces_import(tmp_path):
                 ("decoder.layers.mlp.ce.down", (l, 0, 0), (1, 4, 24)),
             ]
         )
-        assert torch.equal(gate[0], c[:, 0]) and torch.equal(up[0], c[:, 1]) and torch.equal(down[0], c[:, 2, :24])
+        assert torch.equal(gate[0], c[:, 0]) and torch.equal(up[0], c[:, 2]) and torch.equal(down[0], c[:, 1, :24])
 
 
 def test_config_declaring_ce_without_tables_is_an_error(hf_dir, tmp_path):
