@@ -153,6 +153,36 @@ def validate_ce(cfg: TransformerConfig):
             cfg.gated_linear_unit and cfg.activation_func is F.silu,
             "--moe-ce-variant=ia3 needs SwiGLU experts (--swiglu)",
         )
+        validate_ia3_expert_options(cfg)
+
+
+def validate_ia3_expert_options(cfg):
+    """Expert options that the ia3 CE experts would silently skip: they run their own fc1 GEMMs and
+    activation (megatron_ce/ce/experts.py), so options that live inside megatron-core's expert
+    forward do not apply there. Valid with CE and honoured: --moe-permute-fusion (fixed split),
+    --moe-router-fusion, the bias-SwiGLU fusion (--no-bias-swiglu-fusion turns it off),
+    --gradient-accumulation-fusion (see megatron_ce/ce/experts.py), --moe-grouped-gemm."""
+    rule = "is not supported with --moe-ce-variant=ia3"
+    why = "(the CE experts run their own fc1 and activation)"
+    _check(not getattr(cfg, "fp8", None), f"--fp8-format {rule} (the CE fc1 GEMMs run in bf16/fp16)")
+    _check(not getattr(cfg, "fp4", None), f"--fp4-format {rule} (the CE fc1 GEMMs run in bf16/fp16)")
+    _check(not getattr(cfg, "use_te_activation_func", False), f"--use-te-activation-func {rule} {why}")
+    _check(getattr(cfg, "activation_func_clamp_value", None) is None,
+           f"--activation-func-clamp-value {rule} {why}")
+    _check(getattr(cfg, "glu_linear_offset", 0.0) == 0.0, f"--glu-linear-offset {rule} {why}")
+    _check(not getattr(cfg, "activation_func_fp8_input_store", False),
+           f"--activation-func-fp8-input-store {rule} {why}")
+    recompute = getattr(cfg, "recompute_modules", None) or []
+    _check(not (getattr(cfg, "recompute_granularity", None) == "selective" and "moe_act" in recompute),
+           f"--recompute-modules moe_act {rule} {why}; recompute the whole layer's MoE with "
+           "--recompute-modules moe")
+    offload = getattr(cfg, "offload_modules", None) or []
+    for module in ("expert_fc1", "moe_act"):
+        _check(not (getattr(cfg, "fine_grained_activation_offloading", False) and module in offload),
+               f"--offload-modules {module} {rule} {why}")
+    _check(not getattr(cfg, "delay_wgrad_compute", False),
+           f"--delay-wgrad-compute {rule} (the CE fc1 GEMMs compute their weight gradients in the "
+           "backward pass itself)")
 
 
 def _resolve_mass_split(cfg):

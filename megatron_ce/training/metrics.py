@@ -32,9 +32,23 @@ def moe_layers(gpt_model) -> Dict[int, torch.nn.Module]:
     return {m.layer_number: m for m in gpt_model.modules() if isinstance(m, MoELayer)}
 
 
+def model_device(gpt_model) -> torch.device:
+    """Where the model's parameters (and so its activations) live; every rank's collectives of the
+    metrics use this device, so all ranks pick the same backend of a 'cpu:gloo,cuda:nccl' group."""
+    p = next(gpt_model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 class RoutingStats:
     """Router statistics from forward hooks. Training (default) counts the forwards that build the
-    graph; `inference=True` counts forwards run under no_grad (measurement tools)."""
+    graph; `inference=True` counts forwards run under no_grad (measurement tools).
+
+    The hooks never synchronise with the host: the counters are device tensors (views of one packed
+    buffer) that the hooks add to asynchronously, and `reduce_and_reset` does the log interval's one
+    all-reduce and one device-to-host copy (a sync per MoE layer and micro-batch would stall the GPU
+    queue of every training step)."""
+
+    _FIELDS = ("main_load", "topk_load", "score_sum", "aux_mass", "tokens", "n_main_hist")
 
     def __init__(self, gpt_model, num_layers: int, num_experts: int, inference: bool = False):
         self.L, self.E = num_layers, num_experts
@@ -44,6 +58,8 @@ class RoutingStats:
         recompute = getattr(gpt_model.config, "recompute_granularity", None) == "full"
         self.count_with_grad = not inference and not recompute
         self.layers = moe_layers(gpt_model)
+        self.device = model_device(gpt_model)
+        self._flat = None
         self._reset()
         self._handles = [layer.router.register_forward_hook(self._hook(n))
                          for n, layer in self.layers.items()]
@@ -54,54 +70,62 @@ class RoutingStats:
             h.remove()
         self._handles = []
 
-    def _reset(self):
+    def _fields(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """Views of a packed buffer, in _FIELDS order. n_main_hist: tokens with m main experts,
+        m = 0..E (varies per token under --moe-ce-split mass)."""
         L, E = self.L, self.E
-        self.main_load = torch.zeros(L, E, dtype=torch.float64)
-        self.topk_load = torch.zeros(L, E, dtype=torch.float64)
-        self.score_sum = torch.zeros(L, E, dtype=torch.float64)
-        self.aux_mass = torch.zeros(L, dtype=torch.float64)
-        self.tokens = torch.zeros(L, dtype=torch.float64)
-        # tokens with m main experts, m = 0..E (varies per token under --moe-ce-split mass)
-        self.n_main_hist = torch.zeros(L, E + 1, dtype=torch.float64)
+        shapes = ((L, E), (L, E), (L, E), (L,), (L,), (L, E + 1))
+        parts = flat.split([math.prod(s) for s in shapes])
+        return [part.view(shape) for part, shape in zip(parts, shapes)]
+
+    def _reset(self):
+        # One buffer, so the reduction is one all-reduce with no concatenation.
+        if self._flat is None:
+            L, E = self.L, self.E
+            self._flat = torch.zeros(3 * L * E + 2 * L + L * (E + 1), dtype=torch.float64, device=self.device)
+        else:
+            self._flat.zero_()
+        for name, view in zip(self._FIELDS, self._fields(self._flat)):
+            setattr(self, name, view)
 
     def _hook(self, layer_number: int):
         def hook(router, inputs, output):
             if not self.enabled or torch.is_grad_enabled() != self.count_with_grad:
                 return
             with torch.no_grad():
-                probs, routing_map = output
-                i = layer_number - 1
-                T = routing_map.shape[0]
-                self.tokens[i] += T
-                self.topk_load[i] += routing_map.sum(0).double().cpu()
-                if getattr(router, "ce_num_compressed", 0) > 0:
-                    _, main_map, _, _ = router.split_main_aux(probs, routing_map)
-                    routed = (probs * routing_map).sum(-1).double()
-                    aux = routed - (probs * main_map).sum(-1).double()  # the top-k mass not run
-                    self.aux_mass[i] += (aux / routed.clamp_min(1e-30)).sum().cpu()
-                else:
-                    main_map = routing_map
-                self.main_load[i] += main_map.sum(0).double().cpu()
-                n_main = main_map.sum(-1)
-                self.n_main_hist[i] += torch.bincount(n_main, minlength=self.E + 1).double().cpu()
-                # Full softmax scores for the load-balancing statistic (the router's probs are
-                # only defined on the selected experts).
-                x = inputs[0].reshape(-1, inputs[0].shape[-1])
-                scores = torch.softmax(F.linear(x.float(), router.weight.float()), dim=-1)
-                self.score_sum[i] += scores.sum(0).double().cpu()
+                self._accumulate(layer_number - 1, router, inputs[0], *output)
         return hook
+
+    def _accumulate(self, i: int, router, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+        """Adds one router call to layer row i. Device ops only: no .item()/.cpu()/bincount
+        (CUDA bincount reads its max back to size the output)."""
+        dev = self.device
+        T = routing_map.shape[0]
+        self.tokens[i] += T
+        self.topk_load[i] += routing_map.sum(0).to(dev)
+        if getattr(router, "ce_num_compressed", 0) > 0:
+            _, main_map, _, _ = router.split_main_aux(probs, routing_map)
+            routed = (probs * routing_map).sum(-1).double()
+            aux = routed - (probs * main_map).sum(-1).double()  # the top-k mass not run
+            self.aux_mass[i] += (aux / routed.clamp_min(1e-30)).sum().to(dev)
+        else:
+            main_map = routing_map
+        self.main_load[i] += main_map.sum(0).to(dev)
+        n_main = main_map.sum(-1).to(dev)
+        self.n_main_hist[i].index_add_(0, n_main, torch.ones(T, dtype=torch.float64, device=dev))
+        # Full softmax scores for the load-balancing statistic (the router's probs are only defined
+        # on the selected experts).
+        x = x.reshape(-1, x.shape[-1])
+        scores = torch.softmax(F.linear(x.float(), router.weight.float()), dim=-1)
+        self.score_sum[i] += scores.sum(0).to(dev)
 
     def reduce_and_reset(self, topk: int, aux_coeff: float) -> Dict[str, List[float]]:
         """Collective (all ranks). Per-layer lists (MoE layers only), then resets the counters."""
-        flat = torch.cat([self.main_load.flatten(), self.topk_load.flatten(), self.score_sum.flatten(),
-                          self.aux_mass, self.tokens, self.n_main_hist.flatten()])
-        torch.distributed.all_reduce(flat)
+        torch.distributed.all_reduce(self._flat)
+        flat = self._flat.to("cpu", copy=True)  # the interval's one device-to-host copy
+        self._reset()  # zeroes the device buffer in place (copy=True: on CPU, .cpu() would alias it)
         L, E = self.L, self.E
-        main, topk_load, scores, aux_mass, tokens, hist = flat.split(
-            [L * E, L * E, L * E, L, L, L * (E + 1)])
-        hist = hist.view(L, E + 1)
-        main, topk_load, scores = main.view(L, E), topk_load.view(L, E), scores.view(L, E)
-        self._reset()
+        main, topk_load, scores, aux_mass, tokens, hist = self._fields(flat)
         layers = [i for i in range(L) if tokens[i] > 0]
         out: Dict[str, List[float]] = {"layer": [i + 1 for i in layers]}
         for i in layers:
@@ -161,8 +185,10 @@ def theta_stats(gpt_model, optimizer, num_layers: int) -> Dict[str, torch.Tensor
     small updates would not show in the model copy)."""
     masters = _master_map(optimizer)
     names = ("gate", "up", "down", "hidden")
-    stats = torch.zeros(len(names), num_layers, 4, dtype=torch.float64)
-    count = torch.zeros(len(names), num_layers, 1, dtype=torch.float64)
+    # Built on the device and copied to the host once (a CPU table would sync per layer and vector).
+    dev = model_device(gpt_model)
+    stats = torch.zeros(len(names), num_layers, 4, dtype=torch.float64, device=dev)
+    count = torch.zeros(len(names), num_layers, 1, dtype=torch.float64, device=dev)
     for n, layer in sorted(moe_layers(gpt_model).items()):
         ce = getattr(layer, "ce", None)
         if ce is None:
@@ -175,12 +201,13 @@ def theta_stats(gpt_model, optimizer, num_layers: int) -> Dict[str, torch.Tensor
             if t is None and p.dtype != torch.float32:
                 t = _dist_master(optimizer, p)
             t = (p if t is None else t).detach().double()
-            stats[j, n - 1] = torch.stack([t.mean(), t.std(unbiased=False), t.min(), t.max()])
+            stats[j, n - 1] = torch.stack([t.mean(), t.std(unbiased=False), t.min(), t.max()]).to(dev)
             count[j, n - 1] = 1
     # Pipeline stages fill their own layers; replicas of a layer hold the same values.
     flat = torch.cat([stats.flatten(), count.flatten()])
     torch.distributed.all_reduce(flat)
-    stats, count = flat[: stats.numel()].view_as(stats), flat[stats.numel():].view_as(count)
+    flat = flat.cpu()
+    stats, count = flat[: stats.numel()].view(stats.shape), flat[stats.numel():].view(count.shape)
     stats = torch.where(count > 0, stats / count.clamp_min(1), torch.full_like(stats, math.nan))
     return {name: stats[j] for j, name in enumerate(names) if bool((count[j] > 0).any())}
 
