@@ -42,17 +42,50 @@ def to_ce_layer_spec(spec):
         return spec
     sub = copy.copy(spec.submodules)
     mlp = getattr(sub, "mlp", None)
-    if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(mlp.module, MoELayer):
+    if _is_moe(mlp):
         sub.mlp = _ce_moe_spec(mlp)
     spec.submodules = sub
     return spec
 
 
+# mcore's local spec renames the pre-MLP norm's dist-checkpoint keys to where the TE spec keeps that
+# norm for a dense MLP: fused into linear_fc1 (TELayerNormColumnParallelLinear.layer_norm_*).
+_PRE_MLP_NORM = "pre_mlp_layernorm."
+
+
+def with_te_checkpoint_keys(spec):
+    """A local TransformerLayer spec (or block spec) whose dist-checkpoint keys are those of the
+    Transformer-Engine spec, so a checkpoint loads under either --transformer-impl.
+
+    mcore's local spec maps `pre_mlp_layernorm.*` onto `mlp.linear_fc1.layer_norm_*`: right for a
+    dense MLP, wrong for an MoE layer, whose TE spec keeps a separate `pre_mlp_layernorm` (TENorm) and
+    has no fused fc1 norm. For MoE layers that entry is dropped; `input_layernorm.` ->
+    `self_attention.linear_qkv.layer_norm_` stays (the TE spec fuses that norm into linear_qkv).
+    Checkpoints written before this fix: megatron_ce/convert/keys.py."""
+    spec = copy.copy(spec)
+    if hasattr(spec, "layer_specs"):  # TransformerBlockSubmodules
+        spec.layer_specs = [with_te_checkpoint_keys(s) for s in spec.layer_specs]
+        return spec
+    sub = spec.submodules
+    keys_map = getattr(sub, "sharded_state_dict_keys_map", None)
+    if not keys_map or not _is_moe(getattr(sub, "mlp", None)):
+        return spec
+    sub = copy.copy(sub)
+    sub.sharded_state_dict_keys_map = {k: v for k, v in keys_map.items() if not k.startswith(_PRE_MLP_NORM)}
+    spec.submodules = sub
+    return spec
+
+
+def _is_moe(mlp) -> bool:
+    return isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(mlp.module, MoELayer)
+
+
 def get_gpt_ce_layer_local_spec(**kwargs) -> ModuleSpec:
-    """megatron-core's `get_gpt_layer_local_spec(**kwargs)` with CE MoE layers."""
+    """megatron-core's `get_gpt_layer_local_spec(**kwargs)` with CE MoE layers and the TE spec's
+    dist-checkpoint keys (`with_te_checkpoint_keys`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return to_ce_layer_spec(get_gpt_layer_local_spec(**kwargs))
+    return to_ce_layer_spec(with_te_checkpoint_keys(get_gpt_layer_local_spec(**kwargs)))
 
 
 def get_gpt_ce_layer_te_spec(**kwargs) -> ModuleSpec:

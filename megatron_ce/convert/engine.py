@@ -10,10 +10,13 @@ HF -> Megatron (`convert_hf_to_megatron`):
      parameter is produced from its HF tensors (read lazily from safetensors) when written.
   Output: SAVE_DIR/latest_checkpointed_iteration.txt ("release"), SAVE_DIR/release/ (the dist
   checkpoint, loadable with `dist_checkpointing.load(model.sharded_state_dict(), dir)` at any
-  TP/EP/PP), and megatron_ce.json (family, HF config, CE settings) in both directories.
+  TP/EP/PP and under --transformer-impl local or transformer_engine: its keys are the TE spec's,
+  megatron_ce.ce.spec.with_te_checkpoint_keys), and megatron_ce.json (family, HF config, CE
+  settings) in both directories.
 
 Megatron -> HF (`convert_megatron_to_hf`): the reverse, one layer at a time: read each layer's
-parameters as regions of the global tensors (works for a checkpoint saved at any layout), convert, and
+parameters as regions of the global tensors (works for a checkpoint saved at any layout, by either
+--transformer-impl, or converted before the TE-layout keys: megatron_ce/convert/keys.py), convert, and
 append to safetensors shards; then config.json (+ CE fields when CE is on).
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +36,7 @@ import torch
 from megatron_ce.convert.dist_io import DistCheckpointReader, ModelLayout, model_layout, write_dist_checkpoint
 from megatron_ce.convert.families import Family, get_family
 from megatron_ce.convert.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, one_line, parse_size, read_json
+from megatron_ce.convert.keys import legacy_key_renames
 from megatron_ce.convert.mapping import Bound, ConversionError, Direct, Ones, expand
 
 META_NAME = "megatron_ce.json"
@@ -102,9 +107,33 @@ def world1_parallel_state():
                 destroy_parallel()
 
 
+class _DropUnknownMlpType(logging.Filter):
+    """megatron-core's TransformerLayer logs "Unknown MLP type ... Using default kwargs" for any MoE
+    class other than MoELayer itself (our CEMoELayer): it then builds the layer without an explicit
+    pg_collection, and the layer takes the default process groups, which is what we want."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+
+@contextlib.contextmanager
+def quiet_layer_build():
+    """Build megatron-core layers without the harmless "Unknown MLP type" warning (one per layer)."""
+    log = logging.getLogger("megatron.core.transformer.transformer_layer")
+    f = _DropUnknownMlpType()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+
+
 def build_layout_model(family: Family, hf_cfg: Dict[str, Any], k_a: int, variant: str):
-    """The family's mcore model at TP=PP=EP=1 on the meta device (parallel state must be world-1)."""
-    with torch.device("meta"):
+    """The family's mcore model at TP=PP=EP=1 on the meta device (parallel state must be world-1).
+    Its dist-checkpoint keys are those of the Transformer-Engine spec too (see
+    megatron_ce.ce.spec.with_te_checkpoint_keys), so what is written here loads under either
+    --transformer-impl, and a TE-trained checkpoint is read back with this layout."""
+    with torch.device("meta"), quiet_layer_build():
         return family.build_model(
             hf_cfg,
             moe_ce_num_compressed=k_a,
@@ -138,6 +167,13 @@ def _index(bounds: Sequence[Bound], layout: ModelLayout) -> Dict[str, Bound]:
     if problems:
         raise ConversionError("conversion table does not match the model: " + "; ".join(problems))
     return by_param
+
+
+def _rename_keys(layout: ModelLayout, renames: Dict[str, str]) -> None:
+    """Read (or write) the parameters stored under key k from key renames[k] instead."""
+    for p in layout.params.values():
+        for ch in p.chunks:
+            ch.key = renames.get(ch.key, ch.key)
 
 
 def _group(name: str) -> str:
@@ -478,9 +514,11 @@ def convert_megatron_to_hf(
     bounds = expand(mappings, family.ranges(config))
     _index(bounds, layout)
 
-    # ---- check the checkpoint's model keys
-    want = layout.keys()
+    # ---- check the checkpoint's model keys (a checkpoint written before the TE-layout keys holds
+    # some tensors under their older names: read them from there)
     have = {k: ckpt.shape(k) for k in ckpt.tensors}
+    _rename_keys(layout, legacy_key_renames(layout.keys(), have))
+    want = layout.keys()
     model_prefixes = ("embedding.", "decoder.", "output_layer.")
     missing = sorted(set(want) - set(have))
     unexpected = sorted(k for k in set(have) - set(want) if k.startswith(model_prefixes))

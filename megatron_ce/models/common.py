@@ -89,8 +89,12 @@ def build_gpt_model(
 
 
 def base_gpt_layer_spec(config, *, qk_layernorm: bool, normalization: str, use_te: bool = False):
-    """megatron-core's GPT layer spec (TE or local) for an MoE config; families edit a copy of it."""
+    """megatron-core's GPT layer spec (TE or local) for an MoE config; families edit a copy of it.
+    Both write and read the same dist-checkpoint keys (the TE spec's): a checkpoint converted or
+    trained under one --transformer-impl loads under the other."""
     from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_ce.ce.spec import with_te_checkpoint_keys
 
     common = dict(
         num_experts=config.num_moe_experts,
@@ -100,7 +104,7 @@ def base_gpt_layer_spec(config, *, qk_layernorm: bool, normalization: str, use_t
     )
     if use_te:  # the TE spec takes its norm type from the config
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
-    return gpt_layer_specs.get_gpt_layer_local_spec(**common, normalization=normalization)
+    return with_te_checkpoint_keys(gpt_layer_specs.get_gpt_layer_local_spec(**common, normalization=normalization))
 
 
 def parallel_sizes() -> Dict[str, Any]:
