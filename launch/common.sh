@@ -3,6 +3,14 @@
 # then runs (or, with DRY_RUN=1, prints) the torchrun command.
 # CPU / smoke runs: MODEL_CONFIG (random init from an HF config.json instead of PRETRAINED),
 # PRECISION=fp32, GROUPED_GEMM=0, TRANSFORMER_IMPL=local (gloo is picked when there is no GPU).
+# GPU-only throughput options follow TRANSFORMER_IMPL (on with transformer_engine, off with local):
+#   OVERLAP=1         --overlap-grad-reduce --overlap-param-gather (with --use-distributed-optimizer)
+#   PERMUTE_FUSION=1  --moe-permute-fusion (TE's fused token permute; CE_SPLIT=fixed only)
+#   FUSIONS=0         passes every --no-*-fusion flag (the trainer enables Megatron's fusions where the
+#                     kernels exist; this is the opt-out for debugging)
+# KEEP_CHECKPOINTS=N  --keep-last-checkpoints N (0: keep all); CE_LR_MULT=x  --moe-ce-lr-mult x.
+# Plan (launch/plan.py): GPU_MEM_GIB (80) for the memory warning, CKPT_WRITE_GBPS (2, aggregate) for the
+# save time, SIGTERM_LEAD (SLURM --signal=TERM@ seconds, set by launch/slurm/sft.sbatch) for the grace.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +27,14 @@ PYTHON="${PYTHON:-python3}"
 : "${DIST_TIMEOUT_MINUTES:=10}"
 # On SIGTERM (preemption) the ranks finish the iteration and save; torchrun waits this long for them.
 : "${SHUTDOWN_TIMEOUT:=300}"
+: "${KEEP_CHECKPOINTS:=0}" "${CE_LR_MULT:=}" "${CE_SPLIT:=fixed}" "${FUSIONS:=1}" "${SIGTERM_LEAD:=0}"
+: "${GPU_MEM_GIB:=80}" "${CKPT_WRITE_GBPS:=2}"
+GPU_OPTS=0
+[[ "${TRANSFORMER_IMPL}" == transformer_engine ]] && GPU_OPTS=1
+: "${OVERLAP:=${GPU_OPTS}}"
+PERMUTE_DEFAULT=0
+[[ "${GPU_OPTS}" == 1 && "${CE_SPLIT}" == fixed ]] && PERMUTE_DEFAULT=1
+: "${PERMUTE_FUSION:=${PERMUTE_DEFAULT}}"
 if [[ -z "${PRETRAINED}" && -z "${MODEL_CONFIG}" ]]; then
     echo "launch: error: set PRETRAINED to the converted checkpoint (tools/convert_hf_to_megatron.py output), or MODEL_CONFIG to an HF config.json for a random init" >&2; exit 1
 fi
@@ -28,16 +44,39 @@ fi
 : "${TOKENIZER:?set TOKENIZER to the HF model folder or hub name (its tokenizer)}"
 : "${SAVE:=${REPO}/checkpoints/${RUN_NAME}}" "${TENSORBOARD_DIR:=${SAVE}/tensorboard}"
 
-for v in NNODES NODE_RANK GPUS_PER_NODE TP PP EP SEQ_LENGTH GLOBAL_BATCH MICRO_BATCH N_CE MASTER_PORT SHUTDOWN_TIMEOUT; do
+for v in NNODES NODE_RANK GPUS_PER_NODE TP PP EP SEQ_LENGTH GLOBAL_BATCH MICRO_BATCH N_CE MASTER_PORT SHUTDOWN_TIMEOUT \
+         KEEP_CHECKPOINTS SIGTERM_LEAD; do
     if ! [[ "${!v}" =~ ^[0-9]+$ ]]; then
         echo "launch: error: ${v}=${!v} must be a non-negative integer" >&2; exit 1
     fi
 done
+for v in OVERLAP PERMUTE_FUSION FUSIONS; do
+    if [[ "${!v}" != 0 && "${!v}" != 1 ]]; then echo "launch: error: ${v}=${!v} must be 0 or 1" >&2; exit 1; fi
+done
+for v in GPU_MEM_GIB CKPT_WRITE_GBPS; do
+    if ! [[ "${!v}" =~ ^[0-9]*\.?[0-9]+$ ]]; then echo "launch: error: ${v}=${!v} must be a positive number" >&2; exit 1; fi
+done
+if [[ -n "${CE_LR_MULT}" && ! "${CE_LR_MULT}" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then
+    echo "launch: error: CE_LR_MULT=${CE_LR_MULT} must be a positive number" >&2; exit 1
+fi
+if [[ "${PERMUTE_FUSION}" == 1 && "${CE_SPLIT}" != fixed ]]; then
+    echo "launch: error: PERMUTE_FUSION=1 needs CE_SPLIT=fixed (CE_SPLIT=${CE_SPLIT})" >&2; exit 1
+fi
 WORLD=$((NNODES * GPUS_PER_NODE))
 if ((NODE_RANK >= NNODES)); then echo "launch: error: NODE_RANK=${NODE_RANK} must be < NNODES=${NNODES}" >&2; exit 1; fi
 
-PLAN_ARGS=(--model "${MODEL}" --world "${WORLD}" --tp "${TP}" --pp "${PP}" --ep "${EP}" --seq "${SEQ_LENGTH}"
-           --micro-batch "${MICRO_BATCH}" --global-batch "${GLOBAL_BATCH}" --k-a "${N_CE}")
+# torchrun has --shutdown-timeout only in recent torch (older ones SIGKILL the ranks 30 s after their
+# SIGTERM); ask the torchrun that will run, once.
+TORCHRUN_HELP="$(torchrun --help 2>&1 || true)"
+HAS_SHUTDOWN_FLAG=0
+[[ "${TORCHRUN_HELP}" == *--shutdown-timeout* ]] && HAS_SHUTDOWN_FLAG=1
+
+PLAN_ARGS=(--model "${MODEL}" --world "${WORLD}" --gpus-per-node "${GPUS_PER_NODE}" --tp "${TP}" --pp "${PP}"
+           --ep "${EP}" --seq "${SEQ_LENGTH}" --micro-batch "${MICRO_BATCH}" --global-batch "${GLOBAL_BATCH}"
+           --k-a "${N_CE}" --ce-variant "${CE_VARIANT}" --transformer-impl "${TRANSFORMER_IMPL}"
+           --gpu-mem-gib "${GPU_MEM_GIB}" --ckpt-write-gbps "${CKPT_WRITE_GBPS}" --keep-checkpoints "${KEEP_CHECKPOINTS}"
+           --shutdown-timeout "${SHUTDOWN_TIMEOUT}" --torchrun-shutdown-flag "${HAS_SHUTDOWN_FLAG}"
+           --signal-lead "${SIGTERM_LEAD}" --dist-timeout-minutes "${DIST_TIMEOUT_MINUTES}")
 if [[ -n "${MODEL_CONFIG}" ]]; then PLAN_ARGS+=(--config "${MODEL_CONFIG}")
 elif [[ -e "${PRETRAINED}" ]]; then PLAN_ARGS+=(--config "${PRETRAINED}"); fi
 [[ "${RECOMPUTE}" == 1 ]] && PLAN_ARGS+=(--recompute)
@@ -48,6 +87,17 @@ DATA_ARGS=(--task "${TASK}")
 PARALLEL_ARGS=(--tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}"
                --expert-model-parallel-size "${EP}" --use-distributed-optimizer)
 ((TP > 1)) && PARALLEL_ARGS+=(--sequence-parallel)
+[[ "${OVERLAP}" == 1 ]] && PARALLEL_ARGS+=(--overlap-grad-reduce --overlap-param-gather)
+MOE_ARGS=(--moe-ce-split "${CE_SPLIT}")
+[[ "${PERMUTE_FUSION}" == 1 ]] && MOE_ARGS+=(--moe-permute-fusion)
+[[ -n "${CE_LR_MULT}" ]] && MOE_ARGS+=(--moe-ce-lr-mult "${CE_LR_MULT}")
+FUSION_ARGS=()
+[[ "${FUSIONS}" == 0 ]] && FUSION_ARGS=(--no-bias-swiglu-fusion --no-bias-dropout-fusion --no-masked-softmax-fusion
+                                        --no-rope-fusion --no-gradient-accumulation-fusion)
+CKPT_ARGS=()
+((KEEP_CHECKPOINTS > 0)) && CKPT_ARGS=(--keep-last-checkpoints "${KEEP_CHECKPOINTS}")
+LAUNCH_ARGS=()
+[[ "${HAS_SHUTDOWN_FLAG}" == 1 ]] && LAUNCH_ARGS=(--shutdown-timeout "${SHUTDOWN_TIMEOUT}")
 LENGTH_ARGS=(--epochs "${EPOCHS}")
 [[ -n "${TRAIN_ITERS}" ]] && LENGTH_ARGS=(--train-iters "${TRAIN_ITERS}")
 MODEL_ARGS=(--pretrained-checkpoint "${PRETRAINED}")
@@ -59,17 +109,17 @@ RECOMPUTE_ARGS=()
 [[ "${RECOMPUTE}" == 1 ]] && RECOMPUTE_ARGS=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 
 CMD=(torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${GPUS_PER_NODE}"
-     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" --shutdown-timeout "${SHUTDOWN_TIMEOUT}"
+     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" "${LAUNCH_ARGS[@]}"
      -m megatron_ce.train
      "${MODEL_ARGS[@]}" --tokenizer-model "${TOKENIZER}"
      "${DATA_ARGS[@]}" --sft-format "${SFT_FORMAT}" --sft-packing "${SFT_PACKING}" --eval-split-fraction "${EVAL_FRACTION}"
-     --moe-ce-num-compressed "${N_CE}" --moe-ce-variant "${CE_VARIANT}" --moe-aux-loss-coeff 0
+     --moe-ce-num-compressed "${N_CE}" --moe-ce-variant "${CE_VARIANT}" --moe-aux-loss-coeff 0 "${MOE_ARGS[@]}"
      "${PARALLEL_ARGS[@]}" --moe-token-dispatcher-type "${DISPATCHER}"
-     --transformer-impl "${TRANSFORMER_IMPL}" "${PRECISION_ARGS[@]}" "${RECOMPUTE_ARGS[@]}"
+     --transformer-impl "${TRANSFORMER_IMPL}" "${PRECISION_ARGS[@]}" "${RECOMPUTE_ARGS[@]}" "${FUSION_ARGS[@]}"
      --seq-length "${SEQ_LENGTH}" --micro-batch-size "${MICRO_BATCH}" --global-batch-size "${GLOBAL_BATCH}"
      "${LENGTH_ARGS[@]}" --lr "${LR}" --min-lr "${MIN_LR}" --lr-decay-style cosine
      --lr-warmup-fraction "${WARMUP_FRACTION}" --weight-decay "${WEIGHT_DECAY}" --clip-grad "${CLIP_GRAD}"
-     --save "${SAVE}" --save-interval "${SAVE_INTERVAL}" --tensorboard-dir "${TENSORBOARD_DIR}"
+     --save "${SAVE}" --save-interval "${SAVE_INTERVAL}" "${CKPT_ARGS[@]}" --tensorboard-dir "${TENSORBOARD_DIR}"
      --log-interval "${LOG_INTERVAL}" --eval-interval "${EVAL_INTERVAL}"
      --distributed-timeout-minutes "${DIST_TIMEOUT_MINUTES}" --exit-signal-handler)
 # shellcheck disable=SC2206

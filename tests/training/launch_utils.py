@@ -19,6 +19,9 @@ CPU_ENV = dict(
     GLOBAL_BATCH="8", MICRO_BATCH="2", TRAIN_ITERS=str(ITERS), PRECISION="fp32", GROUPED_GEMM="0",
     TRANSFORMER_IMPL="local", LOG_INTERVAL="1", EVAL_INTERVAL="1000", SAVE_INTERVAL="2", LR="1e-3",
     MASTER_ADDR="127.0.0.1", DIST_TIMEOUT_MINUTES="1", SHUTDOWN_TIMEOUT="60",
+    # Every checkpoint stays (the tests below look at them); also keeps --keep-last-checkpoints, which the
+    # model scripts pass by default, off the command line.
+    KEEP_CHECKPOINTS="0",
 )
 _DROP = ("NNODES", "NODE_RANK", "GPUS_PER_NODE", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT",
          "MEGATRON_CE_FAULT")
