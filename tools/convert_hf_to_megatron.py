@@ -6,6 +6,8 @@
 
 The checkpoint (SAVE_DIR/release, tracker file latest_checkpointed_iteration.txt) loads at any
 TP/EP/PP with megatron-core dist-checkpointing. The model family is read from config.json.
+HF_DIR's tokenizer and generation_config files are kept in SAVE_DIR/hf_files/, from where
+convert_megatron_to_hf.py copies them into its export (megatron_ce/hf/tokenizer_files.py).
 """
 
 import argparse

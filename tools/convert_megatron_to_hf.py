@@ -7,8 +7,14 @@
 MEGATRON_DIR is a save dir with latest_checkpointed_iteration.txt, or a checkpoint directory itself.
 The model is described by megatron_ce.json (written by convert_hf_to_megatron.py); without it pass
 --hf-config CONFIG_JSON (and --moe-ce-num-compressed / --moe-ce-variant for a CE model).
-Writes safetensors shards (+ index) and config.json; experts in the per-expert layout that every
-transformers version loads.
+Writes model.safetensors (or, above --max-shard-size, model-0000i-of-0000N.safetensors shards +
+model.safetensors.index.json), config.json, generation_config.json and the tokenizer files; experts in
+the per-expert layout that every transformers version loads.
+
+Tokenizer: --tokenizer DIR (a folder or hub name), else the one recorded with the checkpoint (a
+trainer checkpoint's iter_N/tokenizer/, a converted one's hf_files/; megatron_ce/hf/tokenizer_files.py);
+with neither, a warning and an export without one. generation_config.json takes bos/eos/pad from the
+tokenizer (else config.json).
 
 --format native (default): a CE model gets our tables (`mlp.ce.*`), model_type `<family>_ce` and the
 modeling code beside the weights (AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)).
@@ -38,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--moe-ce-variant", choices=("ia3", "hidden"), default=None, help="override the CE variant")
     p.add_argument("--format", choices=("native", "reference"), default="native",
                    help="CE tables as ours (native) or as the reference implementation's `ces` tensor")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or hub name to ship with the export (default: the one recorded with "
+                        "the checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p.parse_args(argv)
 
@@ -49,7 +58,10 @@ def main(argv=None):
     def convert():
         from megatron_ce.convert import convert_megatron_to_hf
         from megatron_ce.hf.export import convert_megatron_to_reference
+        from megatron_ce.hf.tokenizer_files import load_override, make_self_contained, missing_tokenizer_note
 
+        # loaded first: a wrong --tokenizer fails before minutes of weight conversion
+        override = load_override(args.tokenizer) if args.tokenizer is not None else None
         export = convert_megatron_to_reference if args.format == "reference" else convert_megatron_to_hf
         shards = export(
             args.load_dir,
@@ -62,7 +74,11 @@ def main(argv=None):
             moe_ce_variant=args.moe_ce_variant,
             progress=not args.no_progress,
         )
-        return f"wrote {len(shards)} shard(s) to {args.save_dir}"
+        tokenizer = make_self_contained(args.save_dir, args.load_dir, args.tokenizer, override)
+        if tokenizer is None:
+            print(missing_tokenizer_note(args.save_dir), file=sys.stderr)
+        done = f"wrote {len(shards)} shard(s) to {args.save_dir}"
+        return done + (f" with the tokenizer from {tokenizer}" if tokenizer else "")
 
     return run_conversion(convert)
 

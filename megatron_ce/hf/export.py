@@ -8,6 +8,9 @@ builds the CE model (and loading without trust_remote_code fails instead of drop
 
 `convert_megatron_to_reference(load_dir, save_dir, ...)` exports instead in the reference
 implementation's own layout (OLMoE + `mlp.ces` [n, 3, d] + config `n_ce`; docs/METHOD.md).
+
+Either export gets its tokenizer and generation_config.json afterwards from
+`megatron_ce.hf.tokenizer_files.make_self_contained` (tools/convert_megatron_to_hf.py calls it).
 """
 
 from __future__ import annotations
