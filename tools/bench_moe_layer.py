@@ -25,6 +25,8 @@ SHAPES = {  # hidden, expert ffn, experts, top-k (docs/METHOD.md §2, §3)
     "olmoe": dict(d=2048, ffn=1024, n=64, k=8),
     "phimoe": dict(d=4096, ffn=6400, n=16, k=2),
 }
+# --smoke: the same code path at shapes a CPU runs in seconds (test-suite, gpu_check --cpu-dry-run).
+SMOKE_SHAPES = {"olmoe": dict(d=64, ffn=32, n=8, k=4), "phimoe": dict(d=64, ffn=96, n=4, k=2)}
 
 
 def build(shape, k, k_a, variant, experts, dtype):
@@ -70,13 +72,14 @@ def main(argv=None):
     ap.add_argument("--experts", choices=["sequential", "grouped"], default="grouped")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights/activations (GPU)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (d 64): checks the code path, times nothing useful")
     args = ap.parse_args(argv)
 
     from megatron_ce.runtime import init_parallel
 
     init_parallel()
     torch.manual_seed(0)
-    shape = SHAPES[args.shape]
+    shape = (SMOKE_SHAPES if args.smoke else SHAPES)[args.shape]
     k = shape["k"]
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"

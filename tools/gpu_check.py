@@ -117,10 +117,6 @@ CPU = Profile(
 )
 DRY_RUN_STAGE_TIMEOUT_S = 150
 
-# Tiny stand-ins for bench_moe_layer.SHAPES while that tool has no --smoke mode (--cpu-dry-run only):
-# the same code path, shapes a CPU runs in seconds.
-TINY_BENCH_SHAPES = {"olmoe": dict(d=64, ffn=32, n=8, k=4), "phimoe": dict(d=64, ffn=96, n=4, k=2)}
-
 
 # ----------------------------------------------------------------------------------------------
 # model FLOPs of one training step
@@ -509,21 +505,13 @@ def _hf_forward(path: str) -> Dict:
 # bench ----------------------------------------------------------------------------------------
 
 
-def bench_has_smoke() -> bool:
-    return '"--smoke"' in (REPO / "tools" / "bench_moe_layer.py").read_text(encoding="utf-8")
-
-
 def bench_cmd(shape: str):
     def cmd(ctx):
         flags = ["--shape", shape, "--json", *ctx.prof.bench_flags]
         env = ctx.numbers("env")
         if not ctx.dry and not env.get("grouped_gemm"):
             flags += ["--experts", "sequential"]  # the legacy GroupedMLP needs grouped_gemm on a GPU
-        if not ctx.dry:
-            return _py(REPO / "tools" / "bench_moe_layer.py", *flags)
-        if bench_has_smoke():
-            return _py(REPO / "tools" / "bench_moe_layer.py", *flags, "--smoke")
-        return _self("_bench_tiny", *flags)
+        return _py(REPO / "tools" / "bench_moe_layer.py", *flags, *(["--smoke"] if ctx.dry else []))
     return cmd
 
 
@@ -534,17 +522,6 @@ def bench_parse(ctx, text):
     if not ctx.dry and res["meta"].get("device") != "cuda":
         raise CheckFailed(f"the bench ran on {res['meta'].get('device')}, not cuda", nums)
     return nums
-
-
-def _bench_tiny(argv: List[str]):
-    """bench_moe_layer.main at TINY_BENCH_SHAPES (its code path, CPU-sized shapes)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_moe_layer", REPO / "tools" / "bench_moe_layer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.SHAPES.update(TINY_BENCH_SHAPES)
-    mod.main(argv)
 
 
 WORK_SUBDIRS = ("hf", "megatron", "ckpt", "tb", "hf_export")
@@ -774,9 +751,6 @@ def _write(summary: Dict, out: Path, clock: Clock, ctx: Ctx):
 def internal(argv: List[str]) -> int:
     """The helper commands the stages run (`python tools/gpu_check.py _name args...`)."""
     name, rest = argv[0], argv[1:]
-    if name == "_bench_tiny":
-        _bench_tiny(rest)
-        return 0
     fn = {"_env": _env, "_build_hf": _build_hf, "_hf_forward": _hf_forward}[name]
     print(RESULT + json.dumps(fn(*rest)), flush=True)
     return 0
