@@ -106,6 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="a collective that waits longer on a dead or stuck rank fails (torch's default is 30)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the data-parallel gradient reduction with the backward pass (bucketed)")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="parameters per gradient-reduction bucket with --overlap-grad-reduce (default: "
+                        "megatron-core's, max(40M, 1M x data-parallel size))")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's parameter all-gather with the next forward pass "
+                        "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
+
+    g = p.add_argument_group("fusions (Megatron-LM's; on where the kernel is available, else off with a note)")
+    g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
+                   help="fused (bias +) SwiGLU activation of the MLPs and CE experts")
+    g.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false")
+    g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false",
+                   help="fused scale + mask + softmax of --transformer-impl local attention (bf16)")
+    g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false")
+    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false",
+                   help="weight-gradient GEMMs accumulate straight into the fp32 main grads")
+    g.add_argument("--moe-permute-fusion", action="store_true",
+                   help="Transformer Engine's fused token permute/unpermute (off by default; not with "
+                        "--moe-ce-split mass)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="megatron-core's fused vocab-parallel cross entropy (off by default)")
 
     g = p.add_argument_group("training")
     g.add_argument("--seq-length", type=int, default=4096)
@@ -121,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-fraction", type=float, default=None, help="of --lr-decay-iters")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
-    g.add_argument("--weight-decay", type=float, default=0.0, help="default 0 (the reference SFT)")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="default 0 (the reference SFT); never applied to biases, 1-D parameters or the CE "
+                        "theta tables (their neutral value is 1, not 0)")
+    g.add_argument("--moe-ce-lr-mult", type=float, default=1.0,
+                   help="learning-rate multiplier of the compressed-expert theta tables (whole schedule)")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -145,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM (or --exit-signal), finish the current iteration, save a checkpoint and exit 0")
     g.add_argument("--exit-signal", default="SIGTERM", help="the signal --exit-signal-handler catches")
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last-checkpoints", type=int, default=None,
+                   help="after each save, delete older iter_* checkpoints beyond the newest N (default: keep "
+                        "all); the one latest_checkpointed_iteration.txt names is always kept")
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
@@ -181,7 +211,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
                  "micro_batch_size", "seq_length", "log_interval"):
         _need(getattr(args, name) >= 1, f"{_flag(name)}={getattr(args, name)} must be >= 1")
-    for name in ("expert_tensor_parallel_size", "global_batch_size", "train_iters", "save_interval",
+    for name in ("expert_tensor_parallel_size", "ddp_bucket_size", "global_batch_size", "train_iters", "save_interval",
                  "eval_interval", "eval_iters", "lr_decay_iters"):
         v = getattr(args, name)
         _need(v is None or v >= 1, f"{_flag(name)}={v} must be >= 1")
@@ -217,12 +247,21 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _need(args.lr_warmup_fraction is None or args.lr_warmup_iters == 0,
           "give only one of --lr-warmup-fraction and --lr-warmup-iters")
     _need(args.clip_grad >= 0, f"--clip-grad={args.clip_grad} must be >= 0")
+    _need(args.weight_decay >= 0, f"--weight-decay={args.weight_decay} must be >= 0")
+    _need(args.moe_ce_lr_mult > 0, f"--moe-ce-lr-mult={args.moe_ce_lr_mult} must be > 0")
     _need(args.moe_aux_loss_coeff >= 0, f"--moe-aux-loss-coeff={args.moe_aux_loss_coeff} must be >= 0")
     _need(args.moe_expert_capacity_factor is None or args.moe_expert_capacity_factor > 0,
           f"--moe-expert-capacity-factor={args.moe_expert_capacity_factor} must be > 0")
     _need(not args.moe_pad_expert_input_to_capacity or args.moe_expert_capacity_factor is not None,
           "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     _need(args.save_interval is None or args.save, "--save-interval needs --save")
+    _need(not args.overlap_param_gather or args.use_distributed_optimizer,
+          "--overlap-param-gather needs --use-distributed-optimizer (it overlaps that optimizer's all-gather)")
+    _need(not args.overlap_param_gather or args.overlap_grad_reduce,
+          "--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
+    _need(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1,
+          f"--keep-last-checkpoints={args.keep_last_checkpoints} must be >= 1")
+    _need(args.keep_last_checkpoints is None or args.save, "--keep-last-checkpoints needs --save")
     _need(args.moe_token_dispatcher_type != "flex",
           "--moe-token-dispatcher-type=flex needs DeepEP (GPU); use alltoall or allgather")
     _need(args.finetune is False or args.load, "--finetune needs --load")
@@ -234,6 +273,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         args.recompute_num_layers = 1
     import torch
 
+    _need(not args.moe_permute_fusion or (torch.cuda.is_available() and module_available("transformer_engine")),
+          "--moe-permute-fusion needs a GPU and Transformer Engine >= 2.1 (fused permute kernels)")
+    _need(not args.cross_entropy_loss_fusion or torch.cuda.is_available(),
+          "--cross-entropy-loss-fusion needs a GPU")
     _need(not args.bf16 or torch.cuda.is_available(),
           "--bf16 needs a GPU here (megatron-core 0.16.1's mixed-precision optimizer accepts only "
           "torch.cuda tensors); train in fp32 on CPU")
@@ -250,6 +293,16 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.data_parallel_size = dp
     args.world_size = world_size
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+
+
+def module_available(module: str) -> bool:
+    """Is `module` installed (without importing it)?"""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _validate_shape_flags(args, tp, pp, ep):

@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import threading
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -171,8 +173,16 @@ def load_optimizer_rank_state(optimizer, saved: List[Dict[str, Any]]) -> Optiona
         params = [p for g in sub.optimizer.param_groups for p in g["params"]]
         if [list(p.shape) for p in params] != s["shapes"]:
             return "the optimizer's parameter shards differ"
+        # Same tensors, other grouping (e.g. a checkpoint from before the CE tables had a group).
+        if [len(g["params"]) for g in s["inner"]["param_groups"]] != [len(g["params"]) for g in sub.optimizer.param_groups]:
+            return "the optimizer's parameter groups differ"
     for sub, s in zip(subs, saved):
+        # torch's load_state_dict also restores each group's settings; this run's flags win (e.g. a
+        # changed --moe-ce-lr-mult), and the scheduler has already set lr/wd for the resumed step.
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in sub.optimizer.param_groups]
         sub.optimizer.load_state_dict(s["inner"])
+        for g, kept in zip(sub.optimizer.param_groups, settings):
+            g.update(kept)
         params = [p for g in sub.optimizer.param_groups for p in g["params"]]
         with torch.no_grad():
             for p, t in zip(params, s["main_params"]):
@@ -285,6 +295,79 @@ def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, 
 
 
 # ----------------------------------------------------------------------------------------------
+# retention (--keep-last-checkpoints)
+# ----------------------------------------------------------------------------------------------
+
+_ITER_NAME = re.compile(r"iter_(\d{7,})")  # iter_dir: at least 7 digits
+DELETING = ".deleting"
+
+
+def checkpoints_to_delete(root: str, keep: int, just_saved: int) -> List[str]:
+    """Folders of `root` beyond the newest `keep` training checkpoints. Only folders named iter_NNNNNNN
+    that hold our train_state.json count (a converted or foreign folder is never touched); the folder
+    the tracker names (the one a resume reads) and the one just saved are always kept."""
+    ours = {}
+    for d in os.listdir(root):
+        m = _ITER_NAME.fullmatch(d)
+        if m and os.path.isfile(os.path.join(root, d, STATE)):
+            ours[int(m.group(1))] = os.path.join(root, d)
+    protected = {os.path.normpath(p) for p in (read_tracker(root), iter_dir(root, just_saved)) if p}
+    newest = sorted(ours, reverse=True)[:keep]
+    return [ours[i] for i in sorted(ours) if i not in newest and os.path.normpath(ours[i]) not in protected]
+
+
+_deleter: Optional[threading.Thread] = None
+
+
+def _delete(paths: List[str]) -> None:
+    for path in paths:
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            warnings.warn(f"--keep-last-checkpoints: could not remove {path} ({e})", stacklevel=2)
+
+
+def wait_for_pruning() -> None:
+    """Until the background deletion of pruned checkpoints (if any) has finished."""
+    global _deleter
+    if _deleter is not None:
+        _deleter.join()
+        _deleter = None
+
+
+def prune_checkpoints(root: str, keep: int, just_saved: int, background: bool = False) -> List[str]:
+    """Collective, after save_checkpoint: once every rank has finished the save, rank 0 retires the
+    checkpoints beyond the newest `keep`. Each is first renamed to iter_N.deleting (atomic: from then
+    on no resume can pick it, and a crash part-way leaves a folder the next prune removes, never a
+    half-deleted iter_N); the deletion itself runs in a background thread with `background` (removing
+    hundreds of GB can take a while on a parallel file system, and the other ranks would wait for it
+    in the next collective). Returns the retired folders (rank 0; [] elsewhere). A folder that cannot
+    be removed is a warning, not an error: training goes on."""
+    global _deleter
+    _barrier()
+    if _rank() != 0:
+        return []
+    wait_for_pruning()  # one deleter at a time
+    doomed = [os.path.join(root, d) for d in os.listdir(root)
+              if d.endswith(DELETING) and _ITER_NAME.fullmatch(d[: -len(DELETING)])]
+    retired = []
+    for path in checkpoints_to_delete(root, keep, just_saved):
+        try:
+            os.replace(path, path + DELETING)
+        except OSError as e:
+            warnings.warn(f"--keep-last-checkpoints: could not remove {path} ({e})", stacklevel=2)
+            continue
+        retired.append(path)
+        doomed.append(path + DELETING)
+    if background:
+        _deleter = threading.Thread(target=_delete, args=(doomed,), name="checkpoint-pruning")
+        _deleter.start()
+    else:
+        _delete(doomed)
+    return retired
+
+
+# ----------------------------------------------------------------------------------------------
 # load
 # ----------------------------------------------------------------------------------------------
 
@@ -299,7 +382,7 @@ def find_checkpoint(root: str) -> Optional[str]:
                       "(an interrupted save)", stacklevel=2)
     tracker = os.path.join(root, TRACKER)
     if not os.path.isfile(tracker):
-        if any(d.startswith("iter_") and not d.endswith((".tmp", ".old")) for d in os.listdir(root)):
+        if any(d.startswith("iter_") and not d.endswith((".tmp", ".old", DELETING)) for d in os.listdir(root)):
             raise CheckpointError(f"{root} has iter_* folders but no {TRACKER}")
         return None
     path = read_tracker(root)

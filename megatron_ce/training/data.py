@@ -9,7 +9,7 @@ same loss; resuming needs only the consumed-sample count.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -40,7 +40,24 @@ def collate(items: List[Dict[str, torch.Tensor]], with_mask: bool) -> Dict[str, 
     b = {k: torch.stack([it[k] for it in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
     # Block-diagonal causal mask (True = masked) so no token attends across packed samples.
     b["attention_mask"] = packed_attention_mask(torch.stack([it["document_ids"] for it in items])) if with_mask else None
+    if torch.cuda.is_available():  # page-locked, so the copy to the GPU can overlap the previous step
+        b = {k: None if v is None else v.pin_memory() for k, v in b.items()}
     return b
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device the trainer runs on: where the model's parameters live (every pipeline stage holds
+    some); the current CUDA device (or the CPU) for a model without parameters. Batches, loss sums and
+    their all-reduces all use it, so the code path is the same on CPU and GPU."""
+    p = next(model.parameters(), None)
+    if p is not None:
+        return p.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def batch_to_device(batch: Dict[str, Optional[torch.Tensor]], device: torch.device) -> Dict[str, Optional[torch.Tensor]]:
+    """Every tensor of a micro-batch on `device` (asynchronous from pinned memory)."""
+    return {k: None if v is None else v.to(device, non_blocking=v.is_pinned()) for k, v in batch.items()}
 
 
 def train_microbatches(dataset, sampler: GlobalBatchSampler, consumed: int, args) -> List[Dict[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ step -> LR step -> log / eval / save.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -18,9 +19,11 @@ import torch
 
 from megatron_ce.training import checkpoint as ckpt
 from megatron_ce.training.args import ArgError, train_iters_from_epochs
-from megatron_ce.training.data import GlobalBatchSampler, eval_microbatches, needs_attention_mask, train_microbatches
+from megatron_ce.training.data import (GlobalBatchSampler, batch_to_device, eval_microbatches, model_device,
+                                       needs_attention_mask, train_microbatches)
 from megatron_ce.training.metrics import MetricsWriter, RoutingStats, log_line, theta_stats
 from megatron_ce.training.model import model_provider
+from megatron_ce.training.optimizer import build_optimizer, logged_lr
 from megatron_ce.training.resilience import ExitSignalHandler, maybe_inject_fault
 
 
@@ -48,15 +51,22 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
+def loss_sums(device) -> torch.Tensor:
+    """[loss sum, token count] accumulator; float64 so long runs do not lose tokens."""
+    return torch.zeros(2, dtype=torch.float64, device=device)
+
+
 def forward_step(data_iterator, model):
-    b = next(data_iterator)
+    # One micro-batch at a time on the model's device (all of them at once could be large: the
+    # boundary-packing attention masks are [mbs, 1, s, s]).
+    b = batch_to_device(next(data_iterator), model_device(model))
     output = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"])
     return output, partial(loss_func, b["loss_mask"])
 
 
 def run_schedule(model, microbatches: List[Dict], args, forward_only: bool) -> torch.Tensor:
     """Forward (+ backward) over the micro-batches; returns [loss sum, tokens] summed over the world
-    (every rank gets it; only last-stage ranks contribute)."""
+    (every rank gets it; only last-stage ranks contribute), on the model's device: no host sync here."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     out = get_forward_backward_func()(
@@ -65,7 +75,7 @@ def run_schedule(model, microbatches: List[Dict], args, forward_only: bool) -> t
         micro_batch_size=args.micro_batch_size, forward_only=forward_only)
     from megatron.core import parallel_state as ps
 
-    local = torch.zeros(2, dtype=torch.float64)
+    local = loss_sums(model_device(model))
     # Last-stage TP ranks all hold the full loss: count one of them.
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         for d in out:
@@ -74,43 +84,29 @@ def run_schedule(model, microbatches: List[Dict], args, forward_only: bool) -> t
     return local
 
 
-def evaluate(model, eval_ds, args) -> float:
+def evaluate(model, eval_ds, args) -> torch.Tensor:
+    """[loss sum, token count] over the eval split, on the model's device."""
     model.eval()
     n_batches = math.ceil(len(eval_ds) / args.global_batch_size)
     if args.eval_iters:
         n_batches = min(n_batches, args.eval_iters)
-    total = torch.zeros(2, dtype=torch.float64)
+    total = loss_sums(model_device(model))
     with torch.no_grad():
         for i in range(n_batches):
             total += run_schedule(model, eval_microbatches(eval_ds, i, args), args, forward_only=True)
     model.train()
-    return float(total[0] / total[1]) if total[1] > 0 else math.nan
+    return total
+
+
+def mean_loss(sums: torch.Tensor) -> float:
+    """loss sum / tokens as a Python float (a host sync: only where the value is needed)."""
+    loss_sum, tokens = sums.tolist()
+    return loss_sum / tokens if tokens > 0 else math.nan
 
 
 # ----------------------------------------------------------------------------------------------
 # set-up
 # ----------------------------------------------------------------------------------------------
-
-
-def build_optimizer(model, args, train_iters: int):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    config = OptimizerConfig(
-        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad, bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer)
-    optimizer = get_megatron_optimizer(config, [model])
-    decay = args.lr_decay_iters or train_iters
-    warmup = round(args.lr_warmup_fraction * decay) if args.lr_warmup_fraction is not None else args.lr_warmup_iters
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=train_iters,
-        wd_incr_style="constant")
-    return optimizer, scheduler
 
 
 def wrap_model(gpt, args):
@@ -122,11 +118,53 @@ def wrap_model(gpt, args):
     module = Float16Module(config, gpt) if args.bf16 else gpt
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+        bucket_size=getattr(args, "ddp_bucket_size", None),
         check_for_nan_in_grad=False)  # the loop checks the loss itself and stops cleanly
     model = DistributedDataParallel(config, ddp_config, module)
-    config.finalize_model_grads_func = finalize_model_grads
+    if args.overlap_param_gather:
+        gather_before_ce_layers(model)
+    config.finalize_model_grads_func = finalize_model_grads  # waits for (or runs) the grad reduction
     config.no_sync_func = model.no_sync
+    if args.overlap_grad_reduce:
+        # As Megatron-LM (align_grad_reduce): under pipeline parallelism the 1F1B schedule launches the
+        # reduction of stages other than the first after their last backward.
+        config.grad_sync_func = model.start_grad_sync
     return model
+
+
+def gather_before_ce_layers(model) -> None:
+    """megatron-core's forward pre-hooks wait for a parameter's overlapped all-gather at the module
+    that owns it, when that module's forward runs. A CE MoE layer reads some of its parameters without
+    running their owner's forward: the theta tables (CompressedExperts.mix) and the experts' fc1
+    weights (read directly by the CE GEMMs, megatron_ce/ce/experts.py). So every parameter of a CE
+    layer is waited for when the layer's forward starts (its buckets were dispatched by then)."""
+    from megatron_ce.ce.layer import CEMoELayer
+
+    def wait_for_params(layer, *unused):
+        groups = {id(g): g for g in (model.param_to_bucket_group.get(p) for p in layer.parameters()) if g is not None}
+        for g in groups.values():
+            g.finish_param_sync()
+
+    for m in model.module.modules():
+        if isinstance(m, CEMoELayer):
+            m.register_forward_pre_hook(wait_for_params)
+
+
+@contextlib.contextmanager
+def params_gathered(model, args):
+    """With --overlap-param-gather the distributed optimizer leaves the all-gather of the updated
+    parameters to the next forward's pre-hooks, so between a step and that forward a rank holds only
+    its own shard up to date. Reading weights there (checkpoint save, eval) gathers them first,
+    synchronously, as Megatron-LM does; the hooks resume afterwards."""
+    if not args.overlap_param_gather:
+        yield
+        return
+    model.disable_forward_pre_hook()
+    try:
+        yield
+    finally:
+        model.enable_forward_pre_hook()
 
 
 def resume_source(args):
@@ -217,7 +255,7 @@ def train(args) -> Dict[str, object]:
            f"EP {args.expert_model_parallel_size}; CE k_a={args.moe_ce_num_compressed} ({args.moe_ce_variant})")
     tokens_per_iter = args.global_batch_size * args.seq_length
     last_saved, history = (iteration if state is not None else None), []
-    acc = torch.zeros(2, dtype=torch.float64)
+    acc = loss_sums(model_device(model))
     step_time, iters_since_log = 0.0, 0
 
     def kept():
@@ -227,9 +265,15 @@ def train(args) -> Dict[str, object]:
 
     def save(it):
         nonlocal last_saved
-        path = ckpt.save_checkpoint(args.save, it, gpt, optimizer, scheduler, consumed, args, meta)
+        with params_gathered(model, args):
+            path = ckpt.save_checkpoint(args.save, it, gpt, optimizer, scheduler, consumed, args, meta)
         last_saved = it
         print0(f"saved checkpoint {path}")
+        if args.keep_last_checkpoints:
+            removed = ckpt.prune_checkpoints(args.save, args.keep_last_checkpoints, it, background=True)
+            if removed:
+                print0(f"removed old checkpoint(s) {', '.join(os.path.basename(p) for p in removed)} "
+                       f"(--keep-last-checkpoints={args.keep_last_checkpoints})")
 
     while iteration < train_iters:
         t0 = time.perf_counter()
@@ -237,13 +281,13 @@ def train(args) -> Dict[str, object]:
         optimizer.zero_grad()
         step_loss = run_schedule(model, train_microbatches(train_ds, sampler, consumed, args), args, False)
         maybe_inject_fault(iteration + 1)
-        loss = float(step_loss[0] / step_loss[1]) if step_loss[1] > 0 else math.nan
+        loss = mean_loss(step_loss)  # the non-finite check needs it every step
         if not math.isfinite(loss):
             raise TrainingStopped(f"loss is {loss} at iteration {iteration + 1}; stopping ({kept()})")
         _, grad_norm, _ = optimizer.step()
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise TrainingStopped(f"grad norm is {grad_norm} at iteration {iteration + 1}; stopping ({kept()})")
-        lr = optimizer.param_groups[0]["lr"]
+        lr = logged_lr(optimizer)
         scheduler.step(increment=1)
         iteration += 1
         consumed += args.global_batch_size
@@ -253,12 +297,13 @@ def train(args) -> Dict[str, object]:
         history.append(loss)
 
         if iteration % args.log_interval == 0 or iteration == train_iters:
-            m = dict(loss=loss, loss_avg=float(acc[0] / acc[1]), lr=lr, grad_norm=float(grad_norm or 0.0),
+            m = dict(loss=loss, loss_avg=mean_loss(acc), lr=lr, grad_norm=float(grad_norm or 0.0),
                      tokens_per_s=iters_since_log * tokens_per_iter / step_time,
-                     loss_tokens=float(step_loss[1]), epoch=sampler.epoch(consumed))
+                     loss_tokens=step_loss[1].item(), epoch=sampler.epoch(consumed))
             r = routing.reduce_and_reset(gpt.config.moe_router_topk, args.moe_aux_loss_coeff)
             clear_aux_losses_tracker()  # megatron-core's own aux-loss log (we compute ours from the hooks)
-            th = theta_stats(gpt, optimizer, gpt.config.num_layers)
+            with params_gathered(model, args):  # theta_stats may read the model's own fp32 copy
+                th = theta_stats(gpt, optimizer, gpt.config.num_layers)
             if r.get("layer"):
                 m["aux_loss"] = sum(r["aux_loss"]) / len(r["aux_loss"])
             writer.training(iteration, m, r, th)
@@ -267,7 +312,8 @@ def train(args) -> Dict[str, object]:
             step_time, iters_since_log = 0.0, 0
         if args.eval_interval and len(eval_ds) and (iteration % args.eval_interval == 0 or iteration == train_iters):
             routing.enabled = False
-            eval_loss = evaluate(model, eval_ds, args)
+            with params_gathered(model, args):
+                eval_loss = mean_loss(evaluate(model, eval_ds, args))
             routing.enabled = True
             writer.scalar("eval/loss", eval_loss, iteration)
             print0(f"iter {iteration:6d} | eval loss {eval_loss:.4f}")
@@ -284,6 +330,7 @@ def train(args) -> Dict[str, object]:
 
     if args.save and last_saved != iteration:
         save(iteration)
+    ckpt.wait_for_pruning()
     writer.close()
     if exit_handler is not None:
         exit_handler.restore()

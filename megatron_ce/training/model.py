@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from megatron_ce.training.args import ArgError, converted_meta_dir
+from megatron_ce.training.args import ArgError, converted_meta_dir, module_available
 
 META_NAME = "megatron_ce.json"  # same file the converter writes (megatron_ce.convert.engine.META_NAME)
 
@@ -38,6 +38,55 @@ def model_source(args) -> Optional[Dict[str, Any]]:
 def padded_vocab_size(n: int, divisible_by: int, tp: int) -> int:
     m = divisible_by * tp
     return ((n + m - 1) // m) * m
+
+
+# Megatron-LM's fusions, on by default: TransformerConfig field -> (args field, name in the note).
+FUSIONS = {
+    "bias_activation_fusion": ("bias_swiglu_fusion", "bias-swiglu"),
+    "bias_dropout_fusion": ("bias_dropout_fusion", "bias-dropout"),
+    "masked_softmax_fusion": ("masked_softmax_fusion", "masked-softmax"),
+    "apply_rope_fusion": ("apply_rope_fusion", "rope"),
+    "gradient_accumulation_fusion": ("gradient_accumulation_fusion", "gradient-accumulation"),
+}
+
+
+def fusion_unavailable(field: str, swiglu: bool, cuda: bool) -> Optional[str]:
+    """Why the kernel of a fusion cannot run here (None: it can). megatron-core raises at build or
+    run time when a fusion is on without its kernel, so a missing one is turned off instead."""
+    if not cuda:
+        return "no GPU"
+    if field == "bias_activation_fusion" and not swiglu:
+        return "not a SwiGLU model"
+    if field == "masked_softmax_fusion" and not (module_available("scaled_masked_softmax_cuda")
+                                                 and module_available("scaled_upper_triang_masked_softmax_cuda")):
+        return "no scaled_masked_softmax_cuda kernels"
+    if field == "apply_rope_fusion":
+        from megatron.core.models.common.embeddings import rope_utils
+
+        if rope_utils.fused_apply_rotary_pos_emb is None:
+            return "needs Transformer Engine"
+    if field == "gradient_accumulation_fusion" and not module_available("fused_weight_gradient_mlp_cuda"):
+        return "no fused_weight_gradient_mlp_cuda (apex)"  # megatron-core's own linear layers need it
+    return None
+
+
+def resolve_fusions(args, swiglu: bool, cuda: Optional[bool] = None) -> Tuple[Dict[str, bool], Optional[str]]:
+    """(TransformerConfig fusion fields, a one-line note naming the fusions turned off for a missing
+    kernel, or None). A fusion is on unless its --no-... flag is given or its kernel is missing; the
+    opt-in ones (--moe-permute-fusion, --cross-entropy-loss-fusion) were checked in args.py."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    kw, off = {}, {}
+    for field, (dest, name) in FUSIONS.items():
+        why = fusion_unavailable(field, swiglu, cuda) if getattr(args, dest, True) else None
+        kw[field] = bool(getattr(args, dest, True)) and why is None
+        if why is not None:
+            off.setdefault(why, []).append(name)
+    kw["moe_permute_fusion"] = bool(getattr(args, "moe_permute_fusion", False))
+    kw["cross_entropy_loss_fusion"] = bool(getattr(args, "cross_entropy_loss_fusion", False))
+    note = None
+    if off:
+        note = "fusions off (kernel not available): " + "; ".join(f"{', '.join(v)} ({k})" for k, v in off.items())
+    return kw, note
 
 
 def _config_overrides(args) -> Dict[str, Any]:
@@ -87,6 +136,11 @@ def model_provider(args, tokenizer_len: int) -> Tuple[torch.nn.Module, Optional[
     """
     source = model_source(args)
     overrides = _config_overrides(args)
+    # The model families we convert (OLMoE, Phi-MoE) are SwiGLU-only.
+    fusions, note = resolve_fusions(args, swiglu=source is not None or bool(args.swiglu))
+    overrides.update(fusions)
+    if note and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(f"note: {note}", flush=True)
     if source is not None:
         k_a = args.moe_ce_num_compressed
         if k_a is None:
