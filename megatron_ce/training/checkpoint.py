@@ -8,6 +8,7 @@ Layout of `--save DIR`:
         train_state.json                      iteration, consumed samples, LR scheduler, parallel layout
         rank_00000.pt ...                     per rank: optimizer state (+ fp32 master weights), RNG
         megatron_ce.json                      model family / HF config (when built from one)
+        tokenizer/                            the tokenizer trained with (--tokenizer-model); HF exports carry it
     DIR/iter_0000044.tmp/                     a save in progress (or interrupted: ignored with a warning)
 
 Save: every rank writes into `iter_N.tmp` (megatron-core's writer fsyncs its files; ours are written to
@@ -275,6 +276,10 @@ def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, 
         atomic_write(os.path.join(tmp, STATE), json.dumps(state, indent=2).encode())
         if meta is not None:
             atomic_write(os.path.join(tmp, META_NAME), json.dumps(meta, indent=2).encode())
+        if getattr(args, "tokenizer_model", None):  # the tokenizer trained with: HF exports carry it
+            from megatron_ce.hf.tokenizer_files import save_tokenizer
+
+            save_tokenizer(args.tokenizer_model, tmp, chat_template=getattr(args, "chat_template", None))
         _fsync_tree(tmp)
         if os.path.exists(final):  # re-saving an iteration: swap, then drop the old copy
             old = final + ".old"
@@ -413,11 +418,15 @@ def load_model_weights(gpt_model, ckpt_dir: str) -> None:
     converted without CE) keep their init (ones) with a warning. A missing or truncated file, or a
     tensor of another shape (another model or CE variant), is a one-line CheckpointError."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_ce.convert.keys import read_legacy_keys
 
     verify_files(ckpt_dir)
     sharded = gpt_model.sharded_state_dict()
     saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     present = set(saved.keys())
+    read_legacy_keys(sharded, present)  # checkpoints written before the TE-layout keys (convert/keys.py)
     for k, v in sharded.items():
         key, shape = getattr(v, "key", k), getattr(v, "global_shape", None)
         if key in saved and shape is not None and tuple(saved[key].global_shape) != tuple(shape):
@@ -431,7 +440,8 @@ def load_model_weights(gpt_model, ckpt_dir: str) -> None:
                               "not have (trained with another --moe-ce-variant?)")
     missing = sorted(k for k, v in sharded.items() if getattr(v, "key", k) not in present)
     ce_missing = [k for k in missing if ".ce." in k]
-    other = [k for k in missing if ".ce." not in k and not k.endswith("_extra_state")]
+    # Module extra states are ShardedObjects (TEGroupedMLP names them _extra_state1, 2, ...), never tensors.
+    other = [k for k in missing if ".ce." not in k and not isinstance(sharded[k], ShardedObject)]
     if other:
         raise CheckpointError(f"{ckpt_dir} lacks {len(other)} model tensors, e.g. {other[0]} "
                               "(a different model shape?)")
@@ -441,7 +451,7 @@ def load_model_weights(gpt_model, ckpt_dir: str) -> None:
         warnings.warn(f"{ckpt_dir} has no compressed-expert tables; they start at ones", stacklevel=2)
     state = dist_checkpointing.load(sharded, ckpt_dir)
     result = gpt_model.load_state_dict(state, strict=False)
-    bad = [k for k in result.missing_keys if k not in missing and not k.endswith("_extra_state")]
+    bad = [k for k in result.missing_keys if k not in missing and not re.search(r"\._extra_state\d*$", k)]
     if bad:
         raise CheckpointError(f"loading {ckpt_dir}: {len(bad)} parameters not restored, e.g. {bad[0]}")
 

@@ -154,7 +154,6 @@ def _export(load_dir, out):
     assert _tool("convert_megatron_to_hf").main(args) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="trainer does not record its tokenizer yet")
 def test_trainer_checkpoint_exports_its_tokenizer(trained, tmp_path):
     _export(trained, tmp_path / "out")
     _assert_self_contained(tmp_path / "out", TOKENIZER)
