@@ -24,19 +24,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_ce.training.data import model_device  # one device rule for batches, loss sums, metrics
+
 
 def moe_layers(gpt_model) -> Dict[int, torch.nn.Module]:
     """{global layer number (1-based): MoELayer} of this pipeline stage."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     return {m.layer_number: m for m in gpt_model.modules() if isinstance(m, MoELayer)}
-
-
-def model_device(gpt_model) -> torch.device:
-    """Where the model's parameters (and so its activations) live; every rank's collectives of the
-    metrics use this device, so all ranks pick the same backend of a 'cpu:gloo,cuda:nccl' group."""
-    p = next(gpt_model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class RoutingStats:
