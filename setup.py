@@ -28,6 +28,10 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "grouped_gemm"],
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "matplotlib"],
+        # Pinned: task definitions (prompts, filters, shot counts) change scores between releases.
+        "eval": ["lm-eval[hf]==0.4.13"],
+        # lm-eval is in the test extra so CI runs the evaluation end to end (tests/tools/test_evaluate.py).
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "matplotlib", "lm-eval[hf]==0.4.13"],
     },
+    package_data={"megatron_ce.eval": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"]},
 )
