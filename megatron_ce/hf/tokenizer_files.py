@@ -186,7 +186,9 @@ def make_self_contained(save_dir: str, load_dir: str, tokenizer: Optional[str] =
         else:
             _replace_tokenizer_files(save_dir, lambda: _copy_tokenizer_files(source, save_dir))
         try:  # what lm-eval / users will do with the export
-            tok = AutoTokenizer.from_pretrained(save_dir)
+            # trust_remote_code: the export's auto_map names the CE modeling code we just wrote there;
+            # without it transformers asks on the terminal whether to run it (and waits).
+            tok = AutoTokenizer.from_pretrained(save_dir, trust_remote_code=True)
         except Exception as e:
             raise _conversion_error(f"the tokenizer from {source} does not load from {save_dir} ({e})") from None
         _check_vocab(tok, save_dir, source)
