@@ -8,7 +8,6 @@ save failed (disk full, I/O error); with 3 and 4 the last good checkpoint is kep
 
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
 
@@ -35,10 +34,9 @@ def _main(argv=None) -> int:
         exit_on_arg_error(e)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # megatron-core warns once per layer that it does not know CEMoELayer's MLP type (it then builds
-    # it with default kwargs, which CEMoELayer handles).
-    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
-        lambda r: "Unknown MLP type" not in r.getMessage())
+    from megatron_ce.runtime.quiet import silence_unknown_mlp_type
+
+    silence_unknown_mlp_type()
     import torch
 
     from megatron_ce.data import DataError

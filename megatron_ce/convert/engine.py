@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -38,6 +37,8 @@ from megatron_ce.convert.families import Family, get_family
 from megatron_ce.convert.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, one_line, parse_size, read_json
 from megatron_ce.convert.keys import legacy_key_renames
 from megatron_ce.convert.mapping import Bound, ConversionError, Direct, Ones, expand
+from megatron_ce.hf.tokenizer_files import TOKENIZER_FILE_PATTERNS
+from megatron_ce.runtime.quiet import quiet_layer_build
 
 META_NAME = "megatron_ce.json"
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
@@ -105,27 +106,6 @@ def world1_parallel_state():
                 ps.destroy_model_parallel()  # keep the caller's process group
             else:
                 destroy_parallel()
-
-
-class _DropUnknownMlpType(logging.Filter):
-    """megatron-core's TransformerLayer logs "Unknown MLP type ... Using default kwargs" for any MoE
-    class other than MoELayer itself (our CEMoELayer): it then builds the layer without an explicit
-    pg_collection, and the layer takes the default process groups, which is what we want."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Unknown MLP type")
-
-
-@contextlib.contextmanager
-def quiet_layer_build():
-    """Build megatron-core layers without the harmless "Unknown MLP type" warning (one per layer)."""
-    log = logging.getLogger("megatron.core.transformer.transformer_layer")
-    f = _DropUnknownMlpType()
-    log.addFilter(f)
-    try:
-        yield
-    finally:
-        log.removeFilter(f)
 
 
 def build_layout_model(family: Family, hf_cfg: Dict[str, Any], k_a: int, variant: str):
@@ -205,16 +185,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 HF_FILES_DIR = "hf_files"  # tokenizer / generation config kept beside the Megatron checkpoint
-_HF_FILE_PATTERNS = (
-    r"tokenizer.*",
-    r"special_tokens_map\.json",
-    r"added_tokens\.json",
-    r"vocab\..*",
-    r"merges\.txt",
-    r".*\.model",
-    r"generation_config\.json",
-    r"chat_template\..*",
-)
+_HF_FILE_PATTERNS = TOKENIZER_FILE_PATTERNS + (r"generation_config\.json",)
 
 
 def _copy_hf_files(src: str, dst: str) -> None:
