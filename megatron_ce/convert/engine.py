@@ -440,6 +440,29 @@ def read_meta(ckpt_dir: str, load_dir: Optional[str] = None) -> Dict[str, Any]:
     )
 
 
+def ce_export_mappings(family: Family, config, k_a: int, variant: str, ce_format: str) -> List:
+    """Where an export's CE tables go (the one place that decides): nowhere without CE, our per-table
+    names (`native`), or the reference implementation's `ces` [n, 3, d] (`reference`, which can hold
+    only the ia3 tables of an OLMoE-like family with ffn <= hidden)."""
+    if ce_format not in ("native", "reference"):
+        raise ConversionError(f"--format {ce_format}: expected native or reference")
+    if ce_format == "native":
+        return [Direct(family.ce.megatron[variant][r], family.ce.hf[variant][r]) for r in family.ce.hf[variant]] if k_a else []
+    ffn, d = config.moe_ffn_hidden_size, config.hidden_size
+    problem = (
+        f"model_type {family.model_type} has no reference CE format (the reference code covers OLMoE only)"
+        if family.ce.reference is None else
+        "the checkpoint has no compressed experts (moe_ce_num_compressed=0); the reference format needs n_ce >= 1"
+        if k_a == 0 else
+        f"CE variant {variant} has no place in the reference `ces` tensor (it holds the ia3 tables)"
+        if variant != "ia3" else
+        f"the reference `ces` [n, 3, hidden={d}] cannot hold theta_down of size ffn={ffn} (needs ffn <= hidden)"
+        if ffn > d else None)
+    if problem:
+        raise ConversionError(f"--format reference: {problem}")
+    return list(family.ce.reference())
+
+
 def convert_megatron_to_hf(
     load_dir: str,
     save_dir: str,
@@ -450,11 +473,13 @@ def convert_megatron_to_hf(
     model_type: Optional[str] = None,
     moe_ce_num_compressed: Optional[int] = None,
     moe_ce_variant: Optional[str] = None,
+    ce_format: str = "native",
     progress: bool = True,
 ) -> List[str]:
     """Convert a megatron-core dist checkpoint (any TP/EP/PP) to HF safetensors + config.json.
     Returns the written shard names. The model description comes from megatron_ce.json, or from
-    `hf_config` (a config.json path) plus the CE flags."""
+    `hf_config` (a config.json path) plus the CE flags. `ce_format`: "native" (our `mlp.ce.*` tables and
+    modeling code) or "reference" (the reference implementation's `mlp.ces` + `n_ce`)."""
     load_dir, save_dir = os.fspath(load_dir), os.fspath(save_dir)
     ckpt_dir = resolve_checkpoint_dir(load_dir)
     if hf_config is not None:
@@ -478,10 +503,7 @@ def convert_megatron_to_hf(
         layout = model_layout(model)
         del model
     ctx = family.context(config)
-    mappings = list(family.table(config))
-    if k_a > 0:
-
-        mappings += [Direct(family.ce.megatron[variant][r], family.ce.hf[variant][r]) for r in family.ce.hf[variant]]
+    mappings = list(family.table(config)) + ce_export_mappings(family, config, k_a, variant, ce_format)
     bounds = expand(mappings, family.ranges(config))
     _index(bounds, layout)
 
@@ -541,12 +563,14 @@ def convert_megatron_to_hf(
         for k in [k for k in ("dtype", "torch_dtype") if k in export] or ["dtype"]:
             export[k] = _dtype_name(out_dtype)
     if k_a > 0:
-        export["moe_ce_num_compressed"] = k_a
-        export["moe_ce_variant"] = variant
-        # CE modeling code beside the weights + auto_map/architectures (trust_remote_code loading)
-        from megatron_ce.hf import install_ce_modeling
+        from megatron_ce.hf.export import install_ce_modeling, reference_config
 
-        install_ce_modeling(save_dir, export, family.model_type)
+        if ce_format == "reference":
+            reference_config(export, k_a)
+        else:  # CE modeling code beside the weights + auto_map/architectures (trust_remote_code loading)
+            export["moe_ce_num_compressed"] = k_a
+            export["moe_ce_variant"] = variant
+            install_ce_modeling(save_dir, export, family.model_type)
     with open(os.path.join(save_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(export, f, indent=2, sort_keys=True)
     return shards

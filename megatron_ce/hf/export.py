@@ -15,11 +15,10 @@ Either export gets its tokenizer and generation_config.json afterwards from
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,10 +61,7 @@ def base_model_type(model_type):
 
 def install_ce_modeling(save_dir: str, config: Dict[str, Any], model_type: str) -> Dict[str, Any]:
     """Copy the CE modeling files for `model_type` into save_dir; update `config` in place (and return it).
-    A family without HF CE modeling code yet: a warning, config unchanged (weights are still exported).
-    A reference-format export (see `convert_megatron_to_reference`): the reference config instead."""
-    if model_type.endswith(REFERENCE_SUFFIX):
-        return reference_config(config, model_type[: -len(REFERENCE_SUFFIX)])
+    A family without HF CE modeling code yet: a warning, config unchanged (weights are still exported)."""
     if model_type not in CE_MODELING:
         warnings.warn(
             f"no HF CE modeling code for model_type {model_type!r} (available: "
@@ -87,88 +83,23 @@ def install_ce_modeling(save_dir: str, config: Dict[str, Any], model_type: str) 
 # Export in the reference implementation's format
 # ------------------------------------------------------------------------------------------
 
-# The converter family used for a reference export is the base family under this suffixed name (a
-# name no HF model_type has): its table maps the CE tables to the reference tensor, and the engine hands
-# the suffixed name to `install_ce_modeling`, which then writes the reference config.
-REFERENCE_SUFFIX = "+reference"
 
-
-def reference_config(config: Dict[str, Any], base_type: str) -> Dict[str, Any]:
+def reference_config(config: Dict[str, Any], k_a: int) -> Dict[str, Any]:
     """The reference's config: the base model's (model_type e.g. "olmoe", no auto_map) plus `n_ce`.
 
     The reference code builds its own modeling class from the stock OLMoE config class (its
     config_olmoe_ce.json is OLMoE's with n_ce added), so model_type stays the base one and no modeling
     code is shipped. Loaded with stock transformers such a directory is a plain OLMoE that ignores `ces`
     (the reference's own behaviour); our importer reads `n_ce` and `ces` back."""
-    k_a = int(config.pop("moe_ce_num_compressed", 0) or 0)
-    for key in ("moe_ce_variant", "auto_map"):
-        config.pop(key, None)
-    config["model_type"] = base_type
-    config["n_ce"] = k_a
+    config["n_ce"] = int(k_a)
     return config
 
 
-def _refuse(msg: str):
-    from megatron_ce.convert.mapping import ConversionError
-
-    raise ConversionError(f"--format reference: {msg}")
-
-
-def _base_model_type(load_dir: str, hf_config: Optional[str], model_type: Optional[str]) -> Optional[str]:
-    """The family the engine will pick (flag, else --hf-config, else megatron_ce.json)."""
-    if model_type:
-        return model_type
-    if hf_config is not None:
-        from megatron_ce.convert.hf_io import read_json
-
-        if not os.path.isfile(hf_config):
-            _refuse(f"--hf-config {hf_config} does not exist")
-        cfg = read_json(hf_config)
-        return base_model_type(cfg.get("model_type")) if isinstance(cfg, dict) else None
-    from megatron_ce.convert.engine import read_meta, resolve_checkpoint_dir
-
-    return read_meta(resolve_checkpoint_dir(load_dir), load_dir).get("model_type")
-
-
-def _reference_table(family, config):
-    """The family's table with the CE tables mapped to the reference tensor; refuses what it cannot hold."""
-    k_a = int(getattr(config, "moe_ce_num_compressed", 0) or 0)
-    variant = getattr(config, "moe_ce_variant", "ia3")
-    ffn, d = config.moe_ffn_hidden_size, config.hidden_size
-    if k_a == 0:
-        _refuse("the checkpoint has no compressed experts (moe_ce_num_compressed=0); the reference format "
-                "needs n_ce >= 1")
-    if variant != "ia3":
-        _refuse(f"CE variant {variant} has no place in the reference `ces` tensor (it holds the ia3 tables)")
-    if ffn > d:
-        _refuse(f"the reference `ces` [n, 3, hidden={d}] cannot hold theta_down of size ffn={ffn} "
-                "(needs ffn <= hidden)")
-    return list(family.table(config)) + list(family.ce.reference())
-
-
-def convert_megatron_to_reference(load_dir, save_dir, *, hf_config=None, model_type=None, **kwargs) -> List[str]:
+def convert_megatron_to_reference(load_dir, save_dir, **kwargs) -> List[str]:
     """`convert_megatron_to_hf` writing the reference implementation's layout: per-expert OLMoE weights,
     `model.layers.N.mlp.ces` [n, 3, d] (slots gate, down[:ffn] padded with ones, up) and config `n_ce`.
     Refused (ConversionError) for k_a = 0, the hidden variant, ffn > hidden and families the reference
-    code does not cover (Phi-MoE)."""
-    from megatron_ce.convert import families
+    code does not cover (Phi-MoE): see megatron_ce.convert.engine.ce_export_mappings."""
     from megatron_ce.convert.engine import convert_megatron_to_hf
 
-    base = _base_model_type(os.fspath(load_dir), hf_config, model_type)
-    family = families.get_family(base)
-    if family.ce.reference is None:
-        _refuse(f"model_type {family.model_type} has no reference CE format (the reference code covers OLMoE only)")
-    derived = dataclasses.replace(
-        family,
-        model_type=family.model_type + REFERENCE_SUFFIX,
-        table=lambda config: _reference_table(family, config),
-        # no per-table CE names: the reference tensor comes from the table above
-        ce=dataclasses.replace(family.ce, hf={v: {} for v in family.ce.hf}),
-    )
-    # Registered only for this call: the engine looks families up by name. (families has no public
-    # unregister; the entry must not outlive the call, where it would be offered for imports.)
-    families.register(derived)
-    try:
-        return convert_megatron_to_hf(load_dir, save_dir, hf_config=hf_config, model_type=derived.model_type, **kwargs)
-    finally:
-        families._FAMILIES.pop(derived.model_type, None)
+    return convert_megatron_to_hf(load_dir, save_dir, ce_format="reference", **kwargs)
