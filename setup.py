@@ -31,7 +31,7 @@ setup(
         # Pinned: task definitions (prompts, filters, shot counts) change scores between releases.
         "eval": ["lm-eval[hf]==0.4.13"],
         # lm-eval is in the test extra so CI runs the evaluation end to end (tests/tools/test_evaluate.py).
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "matplotlib", "lm-eval[hf]==0.4.13"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "matplotlib", "ruff==0.17.6", "lm-eval[hf]==0.4.13"],
     },
     package_data={"megatron_ce.eval": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"]},
 )

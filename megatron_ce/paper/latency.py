@@ -19,7 +19,6 @@ import types
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_ce.paper.configs import num_experts

@@ -144,7 +144,7 @@ def test_ce_tables_initialised_to_ones_and_exported(hf_dir, tmp_path, variant, t
     conf = json.loads((tmp_path / "back" / "config.json").read_text())
     assert conf["moe_ce_num_compressed"] == 1 and conf["moe_ce_variant"] == variant
     # our CE export converts back (tables read from the checkpoint, k_a / variant from config.json)
-    ck2 = convert_hf_to_megatron(tmp_path / "back", tmp_path / "mc2", progress=False)
+    convert_hf_to_megatron(tmp_path / "back", tmp_path / "mc2", progress=False)
     assert json.loads((tmp_path / "mc2" / META_NAME).read_text())["ce_source"] == "checkpoint"
     convert_megatron_to_hf(tmp_path / "mc2", tmp_path / "back2", progress=False)
     _assert_same_tensors(tmp_path / "back", tmp_path / "back2")

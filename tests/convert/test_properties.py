@@ -4,7 +4,6 @@ under the same names. The HF side comes from transformers' own models and save_p
 names and shapes are not taken from the conversion tables under test."""
 
 import json
-import os
 import tempfile
 from pathlib import Path
 

@@ -11,7 +11,6 @@ Its weights are read by the reference's on-disk names (OLMoE 4.x per-expert + ml
 import json
 import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file

@@ -206,7 +206,6 @@ def test_training_path_is_transformers(tmp_path):
     """Training mode (Gumbel picks, 1.0/0.3333 multiplier, custom backward, input jitter in block and
     router): with theta = 1 and the same RNG state, the CE model equals the stock model cut to its first
     pick (loss and router gradients); theta gets gradients only through second picks."""
-    from transformers import PhimoeForCausalLM
 
     from megatron_ce.hf.configuration_phimoe_ce import PhimoeCEConfig
     from megatron_ce.hf.modeling_phimoe_ce import PhimoeCEForCausalLM

@@ -11,7 +11,6 @@ Reference: the same tiny OLMoE-CE SFT as one node of 4 ranks (6 iterations, chec
 """
 
 import json
-import os
 import signal
 import time
 

@@ -25,7 +25,6 @@ def _args(extra):
 
 
 def _rank_fn(rank, world_size, extra):
-    import torch
 
     from megatron_ce.runtime import destroy_parallel, init_parallel
     from megatron_ce.training.args import parse_args
