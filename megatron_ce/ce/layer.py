@@ -23,16 +23,33 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron_ce.ce.config import dispatch_topk, validate_ce
 
 
-class CompressedExperts(torch.nn.Module):
-    """The theta tables of one layer: n compressed experts, initialised to ones."""
+def param_device(config):
+    """The device megatron-core's own layers (ColumnParallelLinear, VocabParallelEmbedding) create
+    their parameters on: the default device with `use_cpu_initialization` (so a `torch.device(...)`
+    context still applies), else `torch.cuda.current_device()` as megatron.core.tensor_parallel.layers
+    sees it. Read through that module because on CUDA-less machines megatron_ce.runtime.cpu_shims
+    gives it a CPU view of torch.cuda; calling torch.cuda here would fail there."""
+    if config.use_cpu_initialization:
+        return None
+    from megatron.core.tensor_parallel import layers as mcore_tp_layers
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, variant: str, dtype):
+    return mcore_tp_layers.torch.cuda.current_device()
+
+
+class CompressedExperts(torch.nn.Module):
+    """The theta tables of one layer: n compressed experts, initialised to ones.
+
+    Each table is tagged `is_ce_table` so the optimizer can tell them apart (no weight decay: decay
+    would pull theta toward 0, not toward its identity value 1; own learning-rate multiplier)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, variant: str, dtype, device=None):
         super().__init__()
         self.variant = variant
 
         def table(width):
-            p = torch.nn.Parameter(torch.ones(num_experts, width, dtype=dtype))
+            p = torch.nn.Parameter(torch.ones(num_experts, width, dtype=dtype, device=device))
             p.sequence_parallel = True  # grads summed over TP ranks by finalize_model_grads
+            p.is_ce_table = True
             return p
 
         if variant == "ia3":
@@ -78,6 +95,7 @@ class CEMoELayer(MoELayer):
                 config.moe_ffn_hidden_size,
                 self.ce_variant,
                 config.params_dtype,
+                param_device(config),
             )
             self.expt_tp_group = (pg_collection or self._default_pgs()).expt_tp
             self._dispatch_main_only()

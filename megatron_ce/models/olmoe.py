@@ -35,6 +35,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ce.ce import CETransformerConfig, to_ce_layer_spec
 from megatron_ce.ce.config import ConfigError
+from megatron_ce.ce.layer import param_device
 from megatron_ce.models.common import (
     HFConfigLike,
     base_gpt_layer_spec,
@@ -96,7 +97,11 @@ class FullWidthRMSNorm(torch.nn.Module):
         self.full_width = num_heads * hidden_size
         self.eps = eps
         self.weight = torch.nn.Parameter(
-            torch.ones(self.num_heads_local * hidden_size, dtype=config.params_dtype)
+            torch.ones(
+                self.num_heads_local * hidden_size,
+                dtype=config.params_dtype,
+                device=param_device(config),  # where mcore puts linear_qkv, whose columns it scales
+            )
         )
         tensor_parallel.set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
