@@ -115,6 +115,11 @@ def wrap_model(gpt, args):
     from megatron.core.transformer.module import Float16Module
 
     config = gpt.config
+    if torch.cuda.is_available():
+        # megatron-core builds some modules on the CPU whatever use_cpu_initialization says (the local
+        # spec's torch norms, the router until its first forward): the whole model goes to this rank's
+        # GPU, as Megatron-LM's get_model does. The device is the only difference from a CPU run.
+        gpt.cuda(torch.cuda.current_device())
     module = Float16Module(config, gpt) if args.bf16 else gpt
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
