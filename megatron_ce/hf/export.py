@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CE_MODELING = {
     "olmoe": (
         "olmoe_ce",
-        ("configuration_olmoe_ce.py", "modeling_olmoe_ce.py"),
+        ("configuration_olmoe_ce.py", "modeling_olmoe_ce.py", "ce_common.py"),
         ["OlmoeCEForCausalLM"],
         {
             "AutoConfig": "configuration_olmoe_ce.OlmoeCEConfig",
@@ -36,7 +36,7 @@ CE_MODELING = {
     ),
     "phimoe": (
         "phimoe_ce",
-        ("configuration_phimoe_ce.py", "modeling_phimoe_ce.py"),
+        ("configuration_phimoe_ce.py", "modeling_phimoe_ce.py", "ce_common.py"),
         ["PhimoeCEForCausalLM"],
         {
             "AutoConfig": "configuration_phimoe_ce.PhimoeCEConfig",

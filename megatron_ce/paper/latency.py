@@ -45,11 +45,10 @@ def scaled_config(family: str, cfg: Dict[str, Any], num_layers=None, scale: int 
 class _Tables(nn.Module):
     def __init__(self, n, d, ffn):
         super().__init__()
-        from megatron_ce.hf.modeling_olmoe_ce import OlmoeCETables
+        from megatron_ce.hf.ce_common import CETables
 
-        ns = types.SimpleNamespace
-        self.ia3 = OlmoeCETables(ns(num_experts=n, hidden_size=d, intermediate_size=ffn, moe_ce_variant="ia3"))
-        self.hidden = OlmoeCETables(ns(num_experts=n, hidden_size=d, intermediate_size=ffn, moe_ce_variant="hidden"))
+        self.ia3 = CETables(n, d, ffn, "ia3")
+        self.hidden = CETables(n, d, ffn, "hidden")
 
 
 def _phimoe_ce_block_class():

@@ -265,7 +265,7 @@ def test_modeling_files_are_self_contained():
     import megatron_ce.hf as pkg
 
     here = os.path.dirname(pkg.__file__)
-    for name in ("modeling_olmoe_ce.py", "configuration_olmoe_ce.py"):
+    for name in ("modeling_olmoe_ce.py", "configuration_olmoe_ce.py", "ce_common.py"):
         text = open(os.path.join(here, name)).read()
         assert "megatron" not in "\n".join(l for l in text.splitlines() if "import" in l), name
 

@@ -1,24 +1,15 @@
-"""The expert computation of the exported HF CE blocks (megatron_ce/hf/modeling_*_ce.py): the sorted,
+"""The expert computation of the exported HF CE blocks (megatron_ce/hf/ce_common.py, used by every
+megatron_ce/hf/modeling_*_ce.py): the sorted,
 fused-weight path (ExpertLinear / run_main_experts) against plain per-expert / per-token formulas,
 gradients included, in every fused-weight layout transformers uses."""
-
-import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_ce.hf import ce_common
 from megatron_ce.hf import modeling_olmoe_ce as olmoe_ce
 from megatron_ce.hf import modeling_phimoe_ce as phimoe_ce
-
-SHARED = ("_weight_part", "_mm_into", "ExpertLinear", "run_main_experts", "_autocast_dtype")
-
-
-def test_shared_helpers_identical():
-    """Each modeling file is copied alone beside a checkpoint, so the helpers are duplicated: keep
-    the copies equal."""
-    for name in SHARED:
-        assert inspect.getsource(getattr(olmoe_ce, name)) == inspect.getsource(getattr(phimoe_ce, name)), name
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -33,7 +24,7 @@ def test_expert_linear_matches_per_row_linear(transposed, interleaved):
     xb = torch.randn(n, K, generator=g).requires_grad_()
     ga, gb = torch.randn(n, R, generator=g), torch.randn(n, R, generator=g)
 
-    ya, yb = olmoe_ce.ExpertLinear.apply(w, counts, 2, transposed, interleaved, xa, xb)
+    ya, yb = ce_common.ExpertLinear.apply(w, counts, 2, transposed, interleaved, xa, xb)
     ((ya * ga).sum() + (yb * gb).sum()).backward()
     got = [ya, yb, w.grad, xa.grad, xb.grad]
     w.grad = xa.grad = xb.grad = None

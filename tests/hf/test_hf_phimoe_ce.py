@@ -288,11 +288,12 @@ def test_config_validation_and_registration(tmp_path):
     assert "phimoe" in CE_MODELING and base_model_type("phimoe_ce") == "phimoe"
     conf = install_ce_modeling(tmp_path, {"model_type": "phimoe"}, "phimoe")
     assert conf["model_type"] == "phimoe_ce" and sorted(os.listdir(tmp_path)) == [
+        "ce_common.py",
         "configuration_phimoe_ce.py",
         "modeling_phimoe_ce.py",
     ]
     here = os.path.dirname(install_ce_modeling.__code__.co_filename)
-    for name in ("modeling_phimoe_ce.py", "configuration_phimoe_ce.py"):
+    for name in ("modeling_phimoe_ce.py", "configuration_phimoe_ce.py", "ce_common.py"):
         text = open(os.path.join(here, name)).read()
         assert "megatron" not in "\n".join(l for l in text.splitlines() if "import" in l), name
 
