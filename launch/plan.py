@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, replace
 
-# Paper models (DESIGN.md §2, §3): HF config fields used here.
+# Paper models (docs/METHOD.md §2, §3): HF config fields used here.
 PRESETS = {
     "olmoe": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
                   num_experts=64, num_experts_per_tok=8, intermediate_size=1024, vocab_size=50304, head_dim=128,

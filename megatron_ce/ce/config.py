@@ -104,7 +104,7 @@ def validate_layout(cfg: TransformerConfig):
 
 
 def validate_ce(cfg: TransformerConfig):
-    """Rules of DESIGN.md §1 for the CE fields (and, for the mass split, its derived bounds)."""
+    """Rules of docs/METHOD.md §1 for the CE fields (and, for the mass split, its derived bounds)."""
     variant = getattr(cfg, "moe_ce_variant", "ia3")
     _check(
         variant in CE_VARIANTS,

@@ -1,4 +1,4 @@
-"""CE MoE layer: megatron-core's MoELayer with compressed experts (DESIGN.md §1).
+"""CE MoE layer: megatron-core's MoELayer with compressed experts (docs/METHOD.md §1).
 
 Flow per token: the CE router gives the main experts (with the base model's weights) and the k_a
 auxiliary experts (indices + renormalised weights). Only main experts are dispatched.

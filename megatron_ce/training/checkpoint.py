@@ -16,7 +16,7 @@ Save: every rank writes into `iter_N.tmp` (megatron-core's writer fsyncs its fil
 it to `iter_N`, fsyncs DIR, then replaces the tracker file atomically. A crash at any point leaves the
 previous tracker and its folder intact.
 
-Optimizer state: megatron-core 0.16.1 cannot dist-checkpoint torch Adam state (DESIGN.md §5), so each
+Optimizer state: megatron-core 0.16.1 cannot dist-checkpoint torch Adam state (docs/METHOD.md §5), so each
 rank saves its own inner torch optimizer state and master weights with torch.save. It is exact, and
 restored only under the same layout (TP/PP/EP/ETP/DP, distributed optimizer, bf16); under another
 layout the weights, iteration, data position and LR schedule are restored and the optimizer starts

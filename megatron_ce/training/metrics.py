@@ -176,7 +176,7 @@ def _dist_master(optimizer, param: torch.Tensor) -> Optional[torch.Tensor]:
 def theta_stats(gpt_model, optimizer, num_layers: int) -> Dict[str, torch.Tensor]:
     """Collective. {vector type: [num_layers, 4] (mean, std, min, max)}, NaN rows for layers without CE.
 
-    Read from the fp32 master weights (DESIGN.md §1 item 9: in bf16 the spacing at 1.0 is 2^-7 and
+    Read from the fp32 master weights (docs/METHOD.md §1.9: in bf16 the spacing at 1.0 is 2^-7 and
     small updates would not show in the model copy)."""
     masters = _master_map(optimizer)
     names = ("gate", "up", "down", "hidden")

@@ -105,7 +105,7 @@ def _config_overrides(args) -> Dict[str, Any]:
         moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
         moe_grouped_gemm=args.moe_grouped_gemm,
         moe_use_legacy_grouped_gemm=args.moe_grouped_gemm and args.transformer_impl == "local",
-        # DESIGN.md §1 item 10: the load-balancing loss is a flag, off by default for SFT.
+        # docs/METHOD.md §1.11: the load-balancing loss is a flag, off by default for SFT.
         moe_router_load_balancing_type="aux_loss" if args.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 
 def _compute_dtype(x):
-    # fp32 at least (DESIGN: router in fp32); keep fp64 if given fp64.
+    # fp32 at least (docs/METHOD.md §1: router in fp32); keep fp64 if given fp64.
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -69,7 +69,7 @@ def reference_ce_moe(x, router_weight, w_gate, w_up, w_down, thetas, topk, num_c
     pre_softmax=True: scores = softmax over all n experts, top-k by score, main weights = raw scores
       (OLMoE, norm_topk_prob=False). pre_softmax=False: top-k on logits, weights = softmax over the k
       selected logits (megatron-core's default), computed before the main/aux split.
-    Returns y: [T, d] = sum over main experts e of weight_e * y_e, with y_e per DESIGN §1 item 6 (ia3:
+    Returns y: [T, d] = sum over main experts e of weight_e * y_e, with y_e per docs/METHOD.md §1.6 (ia3:
       W_d((silu(W_g(x*c_g)) * W_u(x*c_u)) * c_d); hidden: plain SwiGLU expert on x*theta_tok), c from the
       aux experts' thetas weighted by aux weights renormalised to sum 1 (item 3/5). k_a = 0 -> plain top-k MoE.
     Ranking: descending by score (ties: lower expert index first).
@@ -122,7 +122,7 @@ def reference_topk_main_only(x, router_weight, w_gate, w_up, w_down, topk, k_mai
                              pre_softmax=True):
     """Plain MoE that sends each token to the first `k_main` experts of its top-`topk` ranking,
     weighting each with the SAME weight it had under top-`topk` routing (no renormalisation).
-    This is what reference_ce_moe must equal when all thetas are 1 (DESIGN §1 item 7)."""
+    This is what reference_ce_moe must equal when all thetas are 1 (docs/METHOD.md §1.7)."""
     assert 1 <= k_main <= topk, f"need 1 <= k_main <= topk, got {k_main}, {topk}"
     cdt = _compute_dtype(x)
     T, d = x.shape

@@ -2,7 +2,7 @@
 import through the CLI, and export to it (`convert_megatron_to_hf.py --format reference`).
 
 Independent of our own reading of the `ces` layout: the model below computes the reference's MoE
-block from its published forward, written here from DESIGN.md §1 item 4 (not from megatron_ce):
+block from its published forward, written here from docs/METHOD.md §1.8 (not from megatron_ce):
 `OlmoeCEMLP.forward(x, e1, e2, e3) = down_proj((act(gate_proj(x*e1)) * up_proj(x*e3)) * e2)` with
 e1 = ces[:, 0], e2 = ces[:, 1, :ffn], e3 = ces[:, 2], each mixed over the token's auxiliary experts.
 Its weights are read by the reference's on-disk names (OLMoE 4.x per-expert + mlp.ces).

@@ -165,7 +165,7 @@ def test_ce_export_reimports_and_save_pretrained_round_trip(tmp_path):
 def _stock_topk_main(stock, k_main):
     """Independent reference: the stock model whose router keeps only the first k_main experts of
     its top-k ranking, each with the weight it had under top-k routing (raw softmax probs, or
-    renormalised over the full top-k when norm_topk_prob) -- DESIGN §1 item 7."""
+    renormalised over the full top-k when norm_topk_prob) -- docs/METHOD.md §1.7."""
 
     def make_forward(router):
         def forward(hidden_states):
@@ -188,7 +188,7 @@ def _stock_topk_main(stock, k_main):
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 def test_theta_one_equals_stock_topk_main(tmp_path, variant, norm_topk_prob):
     """A CE config over a plain OLMoE checkpoint (no ce.* tensors): the CE tables initialise to
-    exactly 1 (DESIGN §1 item 9a) and the CE model equals the stock top-k_m model."""
+    exactly 1 (docs/METHOD.md §1.9a) and the CE model equals the stock top-k_m model."""
     from megatron_ce.hf.modeling_olmoe_ce import OlmoeCEForCausalLM
     from transformers import OlmoeForCausalLM
 

@@ -57,7 +57,7 @@ def _phimoe_block(variant):
 
 
 def _per_token_reference(block, x):
-    """DESIGN §1 written per token from the block's routing: y = sum_main p_e W_d((silu(W_g(x c_g)) *
+    """docs/METHOD.md §1 written per token from the block's routing: y = sum_main p_e W_d((silu(W_g(x c_g)) *
     W_u(x c_u)) c_d), c = sum_j w_j theta_j over the compressed experts."""
     main_idx, main_w, aux_idx, aux_w = block.route(x)
     gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
