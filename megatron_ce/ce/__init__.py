@@ -1,7 +1,14 @@
 """Compressed Experts on megatron-core: config, router, layer, experts and layer specs."""
 
 from megatron_ce.ce.config import CE_VARIANTS, CETransformerConfig, ConfigError
-from megatron_ce.ce.experts import CEGroupedMLP, CESequentialMLP, CETEGroupedMLP
+# CEGroupedMLP is None on megatron-core >= 0.17 (no legacy GroupedMLP; megatron_ce/compat.py).
+from megatron_ce.ce.experts import (
+    CEGroupedMLP,
+    CESequentialMLP,
+    CETEGroupedMLP,
+    TorchGroupedLinear,
+    torch_grouped_experts_spec,
+)
 from megatron_ce.ce.layer import CEMoELayer, CompressedExperts
 from megatron_ce.ce.router import CERouterMixin, CETopKRouter
 from megatron_ce.ce.spec import (
@@ -19,6 +26,8 @@ __all__ = [
     "CEGroupedMLP",
     "CESequentialMLP",
     "CETEGroupedMLP",
+    "TorchGroupedLinear",
+    "torch_grouped_experts_spec",
     "CEMoELayer",
     "CompressedExperts",
     "CERouterMixin",

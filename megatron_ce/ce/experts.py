@@ -9,7 +9,7 @@ so state dicts and dist checkpoints are unchanged. Without scales the parent's f
 The two fc1 GEMMs read each expert's gate and up halves in place (row views of its [2F, d] weight):
 no weight is copied or stacked per step. On CUDA with Transformer Engine they run as TE grouped GEMMs
 (SequentialMLP and TEGroupedMLP experts alike); otherwise as one torch.mm per expert. Only the legacy
-GroupedMLP on the grouped_gemm package still gathers each half into a dense [E, d, F] operand per
+GroupedMLP on the grouped_gemm package (megatron-core <0.17, see megatron_ce/compat.py) still gathers each half into a dense [E, d, F] operand per
 step (its weight is [d, E*2F], whose halves are strided column blocks; that kernel needs them dense).
 
 With the bias-SwiGLU fusion on (config.bias_activation_fusion; off with --no-bias-swiglu-fusion) the
@@ -31,8 +31,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from megatron.core.jit import jit_fuser
-from megatron.core.transformer.moe import grouped_gemm_util as gg
-from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, TEGroupedMLP
+from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
+
+from megatron_ce import compat
+from megatron_ce.ce.config import ConfigError
 
 CEScales = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -42,13 +44,13 @@ def _split(t: torch.Tensor, tokens_per_expert: List[int]):
 
 
 def _use_grouped_gemm(x: torch.Tensor) -> bool:
-    return x.is_cuda and gg.grouped_gemm_is_available()
+    return x.is_cuda and compat.grouped_gemm_available()
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
     """Rows of x grouped by expert times w[e] ([E, in, out]); grouped_gemm when it is usable."""
     if _use_grouped_gemm(x):
-        return gg.ops.gmm(
+        return compat.grouped_gemm_util.ops.gmm(
             x, w.contiguous(), torch.tensor(tokens_per_expert, dtype=torch.long), trans_b=False
         )
     # unbind once: indexing w[e] per expert would make each backward build a full-size zero grad.
@@ -57,7 +59,16 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: List[int]) -
 
 
 class CEExpertsMixin:
-    """Shared CE math; subclasses provide the three projections for grouped rows."""
+    """Shared CE math; subclasses provide the three projections for grouped rows.
+
+    Constructor and forward keyword arguments that newer megatron-core releases pass (compat: `name`,
+    the NCCL-EP `output_buffer` / `grad_input_buffer`) go to the parent unchanged."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        option = compat.ce_unsupported_expert_option(self.config)
+        if option is not None:  # CE splits fc1 into contiguous [gate | up] halves of hidden_size inputs
+            raise ConfigError(f"compressed experts do not support --{option.replace('_', '-')}")
 
     def forward(
         self,
@@ -65,9 +76,12 @@ class CEExpertsMixin:
         tokens_per_expert: torch.Tensor,
         permuted_probs: torch.Tensor,
         ce_scales: Optional[CEScales] = None,
+        **parent_kwargs,
     ):
         if ce_scales is None and self._parent_forward_ok():
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs, **parent_kwargs)
+        if any(parent_kwargs.get(k) is not None for k in compat.EXPERT_FORWARD_BUFFERS):
+            raise NotImplementedError("compressed experts do not write into NCCL-EP zero-copy buffers")
         x = permuted_local_hidden_states
         tpe = [int(n) for n in tokens_per_expert.tolist()]
         p = permuted_probs.unsqueeze(-1)
@@ -296,27 +310,32 @@ class CESequentialMLP(CEExpertsMixin, SequentialMLP):
         return torch.cat(outs)
 
 
-class CEGroupedMLP(CEExpertsMixin, GroupedMLP):
-    """Legacy GroupedMLP (grouped_gemm) with CE scales; weights are [d, E*2F] and [E*F, d].
+if compat.HAS_LEGACY_GROUPED_MLP:  # megatron-core <0.17 (compat)
 
-    megatron-core's GroupedMLP.forward only runs with bf16=True; without CE scales in fp32 (CPU
-    tests) the same SwiGLU math runs through our grouped path instead.
-    """
+    class CEGroupedMLP(CEExpertsMixin, compat.GroupedMLP):
+        """Legacy GroupedMLP (grouped_gemm) with CE scales; weights are [d, E*2F] and [E*F, d].
 
-    def _parent_forward_ok(self) -> bool:
-        return self.config.bf16
+        megatron-core's GroupedMLP.forward only runs with bf16=True; without CE scales in fp32 (CPU
+        tests) the same SwiGLU math runs through our grouped path instead.
+        """
 
-    def _ce_fc1(self, x_gate, x_up, tpe):
-        d = self.config.hidden_size
-        w1 = self.weight1.view(self.num_local_experts, d, -1)
-        f = w1.shape[-1] // 2
-        if _use_grouped_gemm(x_gate):
-            return grouped_mm(x_gate, w1[..., :f], tpe), grouped_mm(x_up, w1[..., f:], tpe)
-        return gate_up_gemm(x_gate, x_up, w1.unbind(0), tpe, out_dim_first=False)
+        def _parent_forward_ok(self) -> bool:
+            return self.config.bf16
 
-    def _ce_fc2(self, h, tpe, probs):
-        w2 = self.weight2.view(self.num_local_experts, -1, self.config.hidden_size)
-        return grouped_mm(h, w2, tpe)
+        def _ce_fc1(self, x_gate, x_up, tpe):
+            d = self.config.hidden_size
+            w1 = self.weight1.view(self.num_local_experts, d, -1)
+            f = w1.shape[-1] // 2
+            if _use_grouped_gemm(x_gate):
+                return grouped_mm(x_gate, w1[..., :f], tpe), grouped_mm(x_up, w1[..., f:], tpe)
+            return gate_up_gemm(x_gate, x_up, w1.unbind(0), tpe, out_dim_first=False)
+
+        def _ce_fc2(self, h, tpe, probs):
+            w2 = self.weight2.view(self.num_local_experts, -1, self.config.hidden_size)
+            return grouped_mm(h, w2, tpe)
+
+else:
+    CEGroupedMLP = None
 
 
 class CETEGroupedMLP(CEExpertsMixin, TEGroupedMLP):
@@ -341,4 +360,54 @@ class CETEGroupedMLP(CEExpertsMixin, TEGroupedMLP):
         return self._apply_bias(out, bias, tpe, probs.unsqueeze(-1))
 
 
-CE_EXPERTS = {SequentialMLP: CESequentialMLP, GroupedMLP: CEGroupedMLP, TEGroupedMLP: CETEGroupedMLP}
+class TorchGroupedLinear(torch.nn.Module):
+    """Plain-torch stand-in for Transformer Engine's GroupedLinear inside TEGroupedMLP, for machines
+    without TE (CPU): the same parameters (weight0..weight{E-1} [out, in], bias0..), the same call
+    (x, m_splits) -> (y, bias), so TEGroupedMLP and CETEGroupedMLP run their grouped code path on CPU.
+    One matmul per expert. No expert tensor parallelism, no fp8, no dist-checkpoint mapping."""
+
+    def __init__(self, num_gemms, input_size, output_size, *, config, init_method, bias, skip_bias_add,
+                 is_expert=True, pg_collection=None, **_unused):  # tp_comm_buffer_name, name: TE-only
+        super().__init__()
+        etp = pg_collection.expt_tp.size() if pg_collection is not None else 1
+        if etp != 1:
+            raise ConfigError("the torch grouped experts do not support --expert-tensor-parallel-size > 1")
+        self.num_gemms, self.skip_bias_add = num_gemms, skip_bias_add
+        expert_parallel = config.expert_model_parallel_size > 1
+        for name, shape in [("weight", (output_size, input_size))] + ([("bias", (output_size,))] if bias else []):
+            for i in range(num_gemms):
+                p = torch.nn.Parameter(torch.empty(*shape, dtype=config.params_dtype))
+                with torch.no_grad():
+                    init_method(p) if name == "weight" else p.zero_()
+                p.allreduce = not (is_expert and expert_parallel)  # mcore DDP: expert-data-parallel grads
+                self.register_parameter(f"{name}{i}", p)
+        self.use_bias = bias
+
+    def _params(self, name):
+        return [getattr(self, f"{name}{i}") for i in range(self.num_gemms)]
+
+    def forward(self, x, m_splits):
+        m_splits = [int(n) for n in m_splits]
+        ws = self._params("weight")
+        y = torch.cat([xe @ w.t() for w, xe in zip(ws, _split(x, m_splits))]) if ws else x
+        if not self.use_bias:
+            return y, None
+        biases = self._params("bias")
+        if self.skip_bias_add:  # TEGroupedMLP._apply_bias weights them by the router probabilities
+            return y, biases
+        return y + torch.cat([b.expand(n, -1) for b, n in zip(biases, m_splits)]), None
+
+
+def torch_grouped_experts_spec(ce: bool = True):
+    """Experts spec of TEGroupedMLP (CETEGroupedMLP when ce) on TorchGroupedLinear: grouped experts that
+    run without Transformer Engine. The legacy GroupedMLP that did this on CPU went in megatron-core
+    0.17."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    sub = compat.grouped_mlp_submodules(TorchGroupedLinear, TorchGroupedLinear)
+    return ModuleSpec(module=CETEGroupedMLP if ce else TEGroupedMLP, submodules=sub)
+
+
+CE_EXPERTS = {SequentialMLP: CESequentialMLP, TEGroupedMLP: CETEGroupedMLP}
+if CEGroupedMLP is not None:
+    CE_EXPERTS[compat.GroupedMLP] = CEGroupedMLP

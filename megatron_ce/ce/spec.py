@@ -10,28 +10,29 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_ce.ce.experts import CE_EXPERTS, CEExpertsMixin
+from megatron_ce import compat
+from megatron_ce.ce.experts import CE_EXPERTS, CEExpertsMixin, torch_grouped_experts_spec
 from megatron_ce.ce.layer import CEMoELayer
 from megatron_ce.ce.router import CERouterMixin, CETopKRouter
 
 
-def _ce_moe_spec(moe: ModuleSpec) -> ModuleSpec:
-    moe = copy.copy(moe)
-    if not issubclass(moe.module, CEMoELayer):
-        moe.module = CEMoELayer
-    sub = copy.copy(moe.submodules)
-    experts = copy.copy(sub.experts)
-    if not issubclass(experts.module, CEExpertsMixin):
-        if experts.module not in CE_EXPERTS:
-            raise TypeError(f"no CE version of expert module {experts.module.__name__}")
-        experts.module = CE_EXPERTS[experts.module]
-    sub.experts = experts
+def _ce_moe_spec(moe):
+    """CE version of an MoE layer spec (a ModuleSpec, or a functools.partial since megatron-core 0.18:
+    compat.replace_spec keeps the kind)."""
+    layer_cls = compat.spec_class(moe)
+    sub = copy.copy(compat.spec_submodules(moe))
+    experts_cls = compat.spec_class(sub.experts)
+    if experts_cls is None:
+        raise TypeError(f"cannot read the expert class of MoE spec {sub.experts!r}")
+    if not issubclass(experts_cls, CEExpertsMixin):
+        if experts_cls not in CE_EXPERTS:
+            raise TypeError(f"no CE version of expert module {experts_cls.__name__}")
+        sub.experts = compat.replace_spec(sub.experts, module=CE_EXPERTS[experts_cls])
     if not issubclass(sub.router, CERouterMixin):
         if sub.router is not TopKRouter:
             raise TypeError(f"no CE version of router {sub.router.__name__}; mix in CERouterMixin")
         sub.router = CETopKRouter
-    moe.submodules = sub
-    return moe
+    return compat.replace_spec(moe, module=None if issubclass(layer_cls, CEMoELayer) else CEMoELayer, submodules=sub)
 
 
 def to_ce_layer_spec(spec):
@@ -77,7 +78,8 @@ def with_te_checkpoint_keys(spec):
 
 
 def _is_moe(mlp) -> bool:
-    return isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(mlp.module, MoELayer)
+    cls = compat.spec_class(mlp) if mlp is not None else None
+    return cls is not None and issubclass(cls, MoELayer)
 
 
 def get_gpt_ce_layer_local_spec(**kwargs) -> ModuleSpec:
@@ -97,13 +99,25 @@ def get_gpt_ce_layer_te_spec(**kwargs) -> ModuleSpec:
     return to_ce_layer_spec(get_gpt_layer_with_transformer_engine_spec(**kwargs))
 
 
-def build_ce_moe_layer(config, grouped_gemm: bool = False, pg_collection=None):
-    """One standalone CE MoE layer (local spec; legacy GroupedMLP experts when grouped_gemm)."""
-    from megatron.core.transformer.spec_utils import build_module
+def build_ce_moe_layer(config, grouped_gemm: bool = False, pg_collection=None, torch_grouped: bool = False,
+                       ce: bool = True):
+    """One standalone MoE layer from the local spec, a CE layer unless ce=False (megatron-core's own).
 
-    spec = get_gpt_ce_layer_local_spec(
+    grouped_gemm: the legacy GroupedMLP experts, which only megatron-core <0.17 has
+    (compat.legacy_grouped_gemm_kwargs refuses it on later releases). torch_grouped: TEGroupedMLP on
+    TorchGroupedLinear (any release, no Transformer Engine needed)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=grouped_gemm,
-        moe_use_legacy_grouped_gemm=grouped_gemm,
+        **compat.legacy_grouped_gemm_kwargs(grouped_gemm),
     )
-    return build_module(spec.submodules.mlp, config=config, pg_collection=pg_collection)
+    mlp = spec.submodules.mlp
+    if torch_grouped:
+        sub = copy.copy(compat.spec_submodules(mlp))
+        sub.experts = torch_grouped_experts_spec(ce=False)
+        mlp = compat.replace_spec(mlp, submodules=sub)
+    if ce:
+        mlp = _ce_moe_spec(mlp)
+    return compat.build_spec(mlp, config=config, pg_collection=pg_collection)

@@ -79,13 +79,34 @@ def build_gpt_model(
     kwargs = dict(model_kwargs)
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
         pre_process=pre_process,
         post_process=post_process,
         **kwargs,
     )
+    check_ce_layers(model, config)
+    return model
+
+
+def check_ce_layers(model, config) -> None:
+    """With moe_ce_num_compressed > 0 every MoE layer must be a CE layer with its theta tables: a spec
+    that megatron-core changed under us (e.g. its MoE spec became a functools.partial in 0.18) would
+    otherwise build plain MoE layers and train without compressed experts, silently."""
+    n = getattr(config, "moe_ce_num_compressed", 0) or 0
+    if n <= 0:
+        return
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_ce.ce.layer import CEMoELayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer) and not (isinstance(module, CEMoELayer) and module.ce is not None):
+            raise ConfigError(
+                f"--moe-ce-num-compressed={n} but MoE layer {name} is a plain {type(module).__name__}: "
+                "its layer spec was not made a CE spec (megatron_ce.ce.to_ce_layer_spec)"
+            )
 
 
 def base_gpt_layer_spec(config, *, qk_layernorm: bool, normalization: str, use_te: bool = False):
@@ -94,13 +115,14 @@ def base_gpt_layer_spec(config, *, qk_layernorm: bool, normalization: str, use_t
     trained under one --transformer-impl loads under the other."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from megatron_ce import compat
     from megatron_ce.ce.spec import with_te_checkpoint_keys
 
     common = dict(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=qk_layernorm,
-        moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
+        **compat.legacy_grouped_gemm_kwargs(compat.uses_legacy_grouped_gemm(config)),
     )
     if use_te:  # the TE spec takes its norm type from the config
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)

@@ -65,12 +65,14 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_ce import compat
 from megatron_ce.ce import CERouterMixin, CETransformerConfig, to_ce_layer_spec
 from megatron_ce.ce.config import ConfigError
 from megatron_ce.models.common import (
     HFConfigLike,
     base_gpt_layer_spec,
     parallel_sizes,
+    check_ce_layers,
     check_divisible,
     hf_config_dict,
     require,
@@ -282,8 +284,9 @@ class SparseMixerRouter(CERouterMixin, TopKRouter):
     For CE, `rank_selected` returns the pick order of the last routing call (first pick = main).
     """
 
-    def __init__(self, config, pg_collection=None):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, **kwargs):
+        # kwargs: what newer megatron-core releases pass routers (is_mtp_layer, 0.17; megatron_ce/compat.py)
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         if self.topk != 2:
             raise ConfigError("the sparsemixer router is top-2: --moe-router-topk must be 2")
         self.sparsemixer_eps = float(getattr(config, "sparsemixer_eps", 0.01))
@@ -430,11 +433,10 @@ def phimoe_layer_spec(
         attn.submodules = attn_sub
     layer_sub.self_attention = attn
     layer_sub.pre_mlp_layernorm = ModuleSpec(module=JitteredPreMoENorm, params={"norm": layer_sub.pre_mlp_layernorm})
-    mlp = copy.copy(layer_sub.mlp)
-    mlp_sub = copy.copy(mlp.submodules)
+    # The MoE spec is a ModuleSpec or (megatron-core >= 0.18) a functools.partial: compat edits either.
+    mlp_sub = copy.copy(compat.spec_submodules(layer_sub.mlp))
     mlp_sub.router = SparseMixerRouter
-    mlp.submodules = mlp_sub
-    layer_sub.mlp = mlp
+    layer_sub.mlp = compat.replace_spec(layer_sub.mlp, submodules=mlp_sub)
     spec.submodules = layer_sub
     if ce is None:
         ce = getattr(config, "moe_ce_num_compressed", 0) > 0
@@ -522,6 +524,8 @@ def build_phimoe_model(
     check_divisible(kwargs["vocab_size"], tp, "--vocab-size", "--tensor-model-parallel-size")
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
-    return PhimoeGPTModel(
+    model = PhimoeGPTModel(
         config=config, transformer_layer_spec=spec, pre_process=pre_process, post_process=post_process, **kwargs
     )
+    check_ce_layers(model, config)
+    return model

@@ -1,5 +1,6 @@
-"""Monkey-patches that let megatron-core 0.16.1 run on CPU (torch.distributed gloo, fp32,
-``use_cpu_initialization=True``).
+"""Monkey-patches that let megatron-core run on CPU (torch.distributed gloo, fp32,
+``use_cpu_initialization=True``); 0.16.1 and 0.19.x (megatron_ce/compat.py), which differ here only
+by the legacy GroupedMLP (removed in 0.17) and its patches.
 
 Call :func:`apply_cpu_shims` before building models (``init_parallel`` does).  It does nothing
 when CUDA is available and applies the patches once otherwise.  Each patch is narrow: it
@@ -29,6 +30,8 @@ import types
 from typing import Any, Dict, Sequence, Tuple
 
 import torch
+
+from megatron_ce import compat
 
 __all__ = ["apply_cpu_shims", "define_missing_te_names", "cpu_gmm", "PATCHED_NAMES", "ADDED_NAMES"]
 
@@ -175,13 +178,14 @@ class _CpuTorch(types.ModuleType):
 # 2. torch.compile'd mcore functions (megatron.core.jit.jit_fuser)
 # ======================================================================================
 
-# Modules that bind ``jit_fuser`` by name (GroupedMLP.__init__ also applies it at run time).
+# Modules that bind ``jit_fuser`` by name (GroupedMLP.__init__ also applies it at run time; experts
+# binds it only for that class, so only while it exists: megatron-core <0.17).
 _JIT_FUSER_MODULES = (
     _JIT,
     "megatron.core.activations",
     "megatron.core.transformer.torch_norm",
     "megatron.core.transformer.attention",
-    "megatron.core.transformer.moe.experts",
+    *((_EXPERTS,) if compat.HAS_LEGACY_GROUPED_MLP else ()),
     "megatron.core.transformer.moe.router",
     "megatron.core.transformer.moe.token_dispatcher",
     "megatron.core.transformer.utils",
@@ -434,6 +438,11 @@ _MOE_UTILS_TE_NAMES = (
     "fused_topk_with_score_function fused_unpermute te_general_gemm"
 ).split()
 
+# The legacy GroupedMLP's patches (megatron-core <0.17 only: compat.HAS_LEGACY_GROUPED_MLP).
+_LEGACY_GROUPED_MLP_NAMES = (
+    [(_GG, "grouped_gemm"), (_GG, "ops"), (_EXPERTS, "GroupedMLP.forward")] if compat.HAS_LEGACY_GROUPED_MLP else []
+)
+
 #: Every existing mcore attribute apply_cpu_shims() may replace: (module, dotted attribute).
 PATCHED_NAMES: Tuple[Tuple[str, str], ...] = tuple(
     dict.fromkeys(
@@ -446,7 +455,7 @@ PATCHED_NAMES: Tuple[Tuple[str, str], ...] = tuple(
         + [(_CLIP_GRADS, "clip_grad_by_total_norm_fp32"), (_OPTIMIZER, "clip_grad_by_total_norm_fp32")]
         + [(_DIST_OPT, "DistributedOptimizer._build_model_and_main_param_groups")]
         + [(_TORCH_NORM, "WrappedTorchNorm.__new__")]
-        + [(_GG, "grouped_gemm"), (_GG, "ops"), (_EXPERTS, "GroupedMLP.forward")]
+        + _LEGACY_GROUPED_MLP_NAMES
     )
 )
 
@@ -541,6 +550,11 @@ def _apply() -> None:
 
     # Legacy GroupedMLP needs the CUDA grouped_gemm package: CPU split-and-matmul fallback,
     # and its bf16-only assertion (about those kernels) lifted.
+    if compat.HAS_LEGACY_GROUPED_MLP:
+        _patch_legacy_grouped_mlp()
+
+
+def _patch_legacy_grouped_mlp() -> None:
     gg = importlib.import_module(_GG)
     if gg.grouped_gemm is None:
         gg.grouped_gemm = types.SimpleNamespace(ops=types.SimpleNamespace(gmm=cpu_gmm))
