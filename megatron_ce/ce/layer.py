@@ -80,9 +80,10 @@ class CompressedExperts(torch.nn.Module):
 class CEMoELayer(MoELayer):
     """MoELayer + compressed experts. With moe_ce_num_compressed = 0 it is MoELayer exactly."""
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
         validate_ce(config)
-        super().__init__(config, submodules, layer_number, pg_collection)
+        # kwargs: what newer megatron-core passes MoE layers (is_mtp_layer 0.17, name 0.18; megatron_ce/compat.py)
+        super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
         self.ce_num_compressed = getattr(config, "moe_ce_num_compressed", 0)
         self.ce_variant = getattr(config, "moe_ce_variant", "ia3")
         self.ce_complement = getattr(config, "moe_ce_split", "fixed") == "mass"
@@ -109,6 +110,19 @@ class CEMoELayer(MoELayer):
         td.config.moe_router_topk = k
         if hasattr(td, "router_topk"):
             td.router_topk = k
+        if getattr(self.config, "moe_ce_split", "fixed") == "mass" and hasattr(td, "preprocess"):
+            # Under the mass split tokens have 1..k main experts: the dispatcher's dropless
+            # num_out_tokens (tokens * k) is then too large, and megatron-core >= 0.17 permutes that
+            # many rows (compat.PERMUTE_NEEDS_EXACT_NUM_OUT_TOKENS). Give it the exact count.
+            preprocess = td.preprocess
+
+            def exact_preprocess(routing_map, *args, **kwargs):
+                out = preprocess(routing_map, *args, **kwargs)
+                if td.config.moe_expert_capacity_factor is None:
+                    td.num_out_tokens = routing_map.sum()
+                return out
+
+            td.preprocess = exact_preprocess
 
     @staticmethod
     def _default_pgs():

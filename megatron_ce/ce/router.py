@@ -16,7 +16,7 @@ from megatron_ce.ce.config import dispatch_topk
 
 
 class CERouterMixin:
-    """Split of a full top-k routing into main and auxiliary experts (DESIGN.md §1 items 1-3).
+    """Split of a full top-k routing into main and auxiliary experts (docs/METHOD.md §1.1-3).
 
     Routers with their own pick order (e.g. Phi-MoE's sparsemixer) override `rank_selected`.
     """

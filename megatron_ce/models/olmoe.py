@@ -136,8 +136,20 @@ class OlmoeSelfAttention(SelfAttention):
     """SelfAttention with OLMoE's optional `clip_qkv`: q, k (after QK-norm) and v clamped to
     [-clip, clip] before RoPE, as transformers does."""
 
-    def __init__(self, *args, clip_qkv: Optional[float] = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, clip_qkv: Optional[float] = None, submodules=None, **kwargs):
+        # megatron-core >= 0.19 refuses q/k_layernorm specs while config.qk_layernorm is False (which it
+        # must stay, see the module docstring): build the parent without them, then ours as it would.
+        qk = (submodules.q_layernorm, submodules.k_layernorm)
+        submodules = copy.copy(submodules)
+        submodules.q_layernorm = submodules.k_layernorm = None
+        super().__init__(*args, submodules=submodules, **kwargs)
+        from megatron.core.transformer.spec_utils import build_module
+
+        self.q_layernorm, self.k_layernorm = (
+            build_module(spec, hidden_size=self.hidden_size_per_attention_head, config=self.config,
+                         eps=self.config.layernorm_epsilon) if spec is not None else None
+            for spec in qk
+        )
         self.clip_qkv = clip_qkv
 
     def get_query_key_value_tensors(self, *args, **kwargs):

@@ -408,7 +408,9 @@ def verify_files(ckpt_dir: str) -> None:
         DistCheckpointReader(ckpt_dir)
     except ConversionError as e:
         raise CheckpointError(str(e)) from None
-    for name in ("common.pt", "metadata.json"):
+    from megatron_ce import compat
+
+    for name in compat.DIST_CKPT_EXTRA_FILES:  # common.pt only up to megatron-core 0.18
         if not os.path.isfile(os.path.join(ckpt_dir, name)):
             raise CheckpointError(f"{os.path.join(ckpt_dir, name)}: missing (an incomplete checkpoint)")
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megatron_ce import compat
 from megatron_ce.training.args import ArgError, converted_meta_dir, module_available
 
 META_NAME = "megatron_ce.json"  # same file the converter writes (megatron_ce.convert.engine.META_NAME)
@@ -104,7 +105,7 @@ def _config_overrides(args) -> Dict[str, Any]:
         moe_token_drop_policy=args.moe_token_drop_policy,
         moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
         moe_grouped_gemm=args.moe_grouped_gemm,
-        moe_use_legacy_grouped_gemm=args.moe_grouped_gemm and args.transformer_impl == "local",
+        **compat.legacy_grouped_gemm_kwargs(args.moe_grouped_gemm and args.transformer_impl == "local"),
         # docs/METHOD.md §1.11: the load-balancing loss is a flag, off by default for SFT.
         moe_router_load_balancing_type="aux_loss" if args.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
@@ -135,7 +136,10 @@ def model_provider(args, tokenizer_len: int) -> Tuple[torch.nn.Module, Optional[
     padded_vocab_size to the values used.
     """
     source = model_source(args)
-    overrides = _config_overrides(args)
+    try:
+        overrides = _config_overrides(args)
+    except ValueError as e:  # e.g. a layout the installed megatron-core no longer has (megatron_ce/compat.py)
+        raise ArgError(str(e)) from None
     # The model families we convert (OLMoE, Phi-MoE) are SwiGLU-only.
     fusions, note = resolve_fusions(args, swiglu=source is not None or bool(args.swiglu))
     overrides.update(fusions)
@@ -227,7 +231,7 @@ def _model_from_flags(args, tokenizer_len: int, overrides: Dict[str, Any]) -> to
         spec = get_gpt_ce_layer_te_spec(**spec_kw)
     else:
         spec = get_gpt_ce_layer_local_spec(normalization=config.normalization,
-                                           moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
+                                           **compat.legacy_grouped_gemm_kwargs(compat.uses_legacy_grouped_gemm(config)),
                                            **spec_kw)
     model_kwargs = dict(
         vocab_size=vocab,

@@ -2,9 +2,7 @@
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.spec_utils import build_module
-
+from megatron_ce import compat
 from megatron_ce.ce import CETransformerConfig, build_ce_moe_layer
 
 
@@ -33,15 +31,14 @@ def ce_config(n=8, k=2, k_a=1, variant="ia3", d=32, ffn=48, dispatcher="allgathe
 
 
 def build_moe(config, grouped=False, ce=True):
-    """One MoE layer from the CE spec (or megatron-core's own spec when ce=False)."""
-    if ce:
-        return build_ce_moe_layer(config, grouped_gemm=grouped)
-    spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts,
-        moe_grouped_gemm=grouped,
-        moe_use_legacy_grouped_gemm=grouped,
-    )
-    return build_module(spec.submodules.mlp, config=config)
+    """One MoE layer from the CE spec (or megatron-core's own spec when ce=False). grouped: the legacy
+    GroupedMLP where megatron-core has it (<0.17), else TEGroupedMLP on TorchGroupedLinear."""
+    legacy = grouped and compat.HAS_LEGACY_GROUPED_MLP
+    return build_ce_moe_layer(config, grouped_gemm=legacy, torch_grouped=grouped and not legacy, ce=ce)
+
+
+def _grouped_linear_weights(linear, n):
+    return torch.stack([getattr(linear, f"weight{i}") for i in range(n)])
 
 
 def expert_weights(layer):
@@ -53,6 +50,10 @@ def expert_weights(layer):
         w_down = torch.stack([e.linear_fc2.weight for e in experts.local_experts])
         return fc1[:, :f], fc1[:, f:], w_down
     n, d = experts.num_local_experts, layer.config.hidden_size
+    if hasattr(experts, "linear_fc1"):  # TEGroupedMLP: weight{i} [2F, d] and [d, F] per expert
+        fc1 = _grouped_linear_weights(experts.linear_fc1, n)
+        f = fc1.shape[1] // 2
+        return fc1[:, :f], fc1[:, f:], _grouped_linear_weights(experts.linear_fc2, n)
     w1 = experts.weight1.view(n, d, -1)  # GroupedMLP: [d, n*2F] -> per expert [d, 2F]
     f = w1.shape[-1] // 2
     w2 = experts.weight2.view(n, -1, d)  # [n*F, d] -> per expert [F, d]
