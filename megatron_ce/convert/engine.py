@@ -38,7 +38,6 @@ from megatron_ce.convert.hf_io import HFCheckpointReader, ShardedSafetensorsWrit
 from megatron_ce.convert.keys import legacy_key_renames
 from megatron_ce.convert.mapping import Bound, ConversionError, Direct, Ones, expand
 from megatron_ce.hf.tokenizer_files import TOKENIZER_FILE_PATTERNS
-from megatron_ce.runtime.quiet import quiet_layer_build
 
 META_NAME = "megatron_ce.json"
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
@@ -113,6 +112,10 @@ def build_layout_model(family: Family, hf_cfg: Dict[str, Any], k_a: int, variant
     Its dist-checkpoint keys are those of the Transformer-Engine spec too (see
     megatron_ce.ce.spec.with_te_checkpoint_keys), so what is written here loads under either
     --transformer-impl, and a TE-trained checkpoint is read back with this layout."""
+    # imported here: megatron_ce.runtime imports megatron-core, whose import-time warnings the converter
+    # CLIs silence first (convert/cli.py)
+    from megatron_ce.runtime.quiet import quiet_layer_build
+
     with torch.device("meta"), quiet_layer_build():
         return family.build_model(
             hf_cfg,
