@@ -11,18 +11,14 @@ rule (no decay for biases and 1-D parameters such as norms).
 
 from __future__ import annotations
 
-from typing import Set
-
 import torch
 
 CE_PREDICATE_NAME = "compressed_expert_tables"
 
 
-def ce_table_ids(model: torch.nn.Module) -> Set[int]:
-    """ids of the CE theta parameters: every parameter of a CompressedExperts module."""
-    from megatron_ce.ce.layer import CompressedExperts
-
-    return {id(p) for m in model.modules() if isinstance(m, CompressedExperts) for p in m.parameters()}
+def is_ce_table(p: torch.Tensor) -> bool:
+    """The CE theta tables carry this tag from their creation (megatron_ce/ce/layer.py)."""
+    return bool(getattr(p, "is_ce_table", False))
 
 
 def param_group_overrides(model: torch.nn.Module, config, ce_lr_mult: float):
@@ -33,12 +29,11 @@ def param_group_overrides(model: torch.nn.Module, config, ce_lr_mult: float):
     from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
     overrides = get_standard_config_overrides(config)
-    ids = ce_table_ids(model)
-    if ids:
+    if any(is_ce_table(p) for p in model.parameters()):
         ce = ParamGroupOverride(wd_mult=0.0)
         if ce_lr_mult != 1.0:  # with 1.0 the tables share the biases' group (same settings)
             ce["lr_mult"] = ce_lr_mult
-        overrides[ParamKey(predicate=ParamPredicate(name=CE_PREDICATE_NAME, fn=lambda p: id(p) in ids))] = ce
+        overrides[ParamKey(predicate=ParamPredicate(name=CE_PREDICATE_NAME, fn=is_ce_table))] = ce
     return overrides
 
 
