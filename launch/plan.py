@@ -24,15 +24,13 @@ import os
 import sys
 from dataclasses import dataclass, replace
 
-# Paper models (docs/METHOD.md §2, §3): HF config fields used here.
-PRESETS = {
-    "olmoe": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-                  num_experts=64, num_experts_per_tok=8, intermediate_size=1024, vocab_size=50304, head_dim=128,
-                  tie_word_embeddings=False),
-    "phimoe": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                   num_local_experts=16, num_experts_per_tok=2, intermediate_size=6400, vocab_size=32064,
-                   head_dim=128, attention_bias=True, lm_head_bias=True, tie_word_embeddings=False),
-}
+# The package from this checkout, whatever the launch node's Python has installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_ce.models import registry  # noqa: E402  (standard library only, like this script)
+
+# Paper models (docs/METHOD.md §2, §3), each family's launch preset: the HF config fields used here and
+# `qk_norm` (OLMoE's full-width QK norms keep their inputs for the backward).
+PRESETS = {mt: registry.presets(mt).launch for mt in registry.builtin_model_types()}
 GiB = 1024 ** 3
 GB = 1e9
 WARN_FRACTION = 0.85  # headroom for what the estimate leaves out (routing imbalance, kernels' scratch)
@@ -57,7 +55,8 @@ def warn(msg):
 
 
 def load_config(model, path):
-    cfg = dict(PRESETS[model])
+    preset = PRESETS[model]
+    cfg = dict(preset)
     if path:
         if os.path.isdir(path):
             for name in ("megatron_ce.json", "config.json"):
@@ -71,7 +70,7 @@ def load_config(model, path):
         cfg.update(data.get("hf_config", data))  # megatron_ce.json wraps the HF config
     cfg["num_experts"] = cfg.get("num_experts") or cfg.get("num_local_experts")
     cfg["head_dim"] = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    cfg["qk_norm"] = model == "olmoe"
+    cfg["qk_norm"] = preset["qk_norm"]  # a property of the family, not of a config file
     return cfg
 
 

@@ -21,12 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SHAPES = {  # hidden, expert ffn, experts, top-k (docs/METHOD.md §2, §3)
-    "olmoe": dict(d=2048, ffn=1024, n=64, k=8),
-    "phimoe": dict(d=4096, ffn=6400, n=16, k=2),
-}
-# --smoke: the same code path at shapes a CPU runs in seconds (test-suite, gpu_check --cpu-dry-run).
-SMOKE_SHAPES = {"olmoe": dict(d=64, ffn=32, n=8, k=4), "phimoe": dict(d=64, ffn=96, n=4, k=2)}
+from megatron_ce.models import registry  # noqa: E402
+
+# Each family's presets (megatron_ce/models/<family>/presets.py): hidden d, expert ffn, n experts, top-k
+# of the paper models (docs/METHOD.md §2, §3); --smoke: the same code path at shapes a CPU runs in
+# seconds (test-suite, gpu_check --cpu-dry-run).
+SHAPES = {mt: registry.presets(mt).bench_shape for mt in registry.builtin_model_types()}
+SMOKE_SHAPES = {mt: registry.presets(mt).smoke_shape for mt in registry.builtin_model_types()}
 
 
 def build(shape, k, k_a, variant, experts, dtype):
@@ -64,7 +65,7 @@ def timed(fn, sync):
     return (time.perf_counter() - t0) * 1e3
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe")
     ap.add_argument("--tokens", type=int, default=1024)
@@ -73,37 +74,35 @@ def main(argv=None):
     ap.add_argument("--bf16", action="store_true", help="bf16 weights/activations (GPU)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (d 64): checks the code path, times nothing useful")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from megatron_ce.runtime import init_parallel
 
-    init_parallel()
-    torch.manual_seed(0)
-    shape = (SMOKE_SHAPES if args.smoke else SHAPES)[args.shape]
+def build_layers(shape, experts, dtype, device):
+    """{name: layer} of the four configurations, all on one set of weights (and one copy in memory)."""
     k = shape["k"]
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     configs = {  # name -> (top-k, k_a, variant)
         f"top{k}": (k, 0, "ia3"),
         f"top{k // 2}": (k // 2, 0, "ia3"),
         f"top{k // 2}+ce_ia3": (k, k // 2, "ia3"),
         f"top{k // 2}+ce_hidden": (k, k // 2, "hidden"),
     }
-    base = f"top{k // 2}"
-    x = torch.randn(args.tokens, 1, shape["d"], dtype=dtype, device=device)
     layers = {}
     for name, (topk, k_a, variant) in configs.items():
-        layer = build(shape, topk, k_a, variant, args.experts, dtype).to(device)
+        layer = build(shape, topk, k_a, variant, experts, dtype).to(device)
         if not layers:
             with torch.no_grad():
                 for p in layer.parameters():
                     p.normal_(0, 0.02)
             base_layer = layer
-        else:  # one set of weights for all configurations (and one copy in memory)
+        else:
             layer.experts = base_layer.experts
             layer.router.weight = base_layer.router.weight
         layers[name] = layer  # CE tables stay at their init (ones)
+    return layers
+
+
+def measure(layers, x, repeats, sync, base):
+    """Median fwd and fwd+bwd milliseconds per configuration and their ratios to `base`."""
 
     def fwd(layer):
         with torch.no_grad():
@@ -115,7 +114,7 @@ def main(argv=None):
 
     # Interleave configurations round by round so load changes on the machine hit all alike.
     samples = {name: {"fwd_ms": [], "fwd_bwd_ms": []} for name in layers}
-    for rnd in range(args.repeats + 1):
+    for rnd in range(repeats + 1):
         for name, layer in layers.items():
             for key, fn in (("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)):
                 ms = timed(lambda: fn(layer), sync)
@@ -126,6 +125,23 @@ def main(argv=None):
     for r in results.values():
         r["fwd_ratio"] = r["fwd_ms"] / results[base]["fwd_ms"]
         r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / results[base]["fwd_bwd_ms"]
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from megatron_ce.runtime import init_parallel
+
+    init_parallel()
+    torch.manual_seed(0)
+    shape = (SMOKE_SHAPES if args.smoke else SHAPES)[args.shape]
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    base = f"top{shape['k'] // 2}"
+    x = torch.randn(args.tokens, 1, shape["d"], dtype=dtype, device=device)  # before the weights: same RNG use
+    layers = build_layers(shape, args.experts, dtype, device)
+    results = measure(layers, x, args.repeats, sync, base)
     meta = dict(shape=args.shape, tokens=args.tokens, experts=args.experts, dtype=str(dtype),
                 device=device, baseline=base)
     if args.json:

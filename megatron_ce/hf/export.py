@@ -20,62 +20,43 @@ import shutil
 import warnings
 from typing import Any, Dict, List
 
+from megatron_ce.models import registry
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# base model_type -> (CE model_type, files to copy, architectures, auto_map)
-CE_MODELING = {
-    "olmoe": (
-        "olmoe_ce",
-        ("configuration_olmoe_ce.py", "modeling_olmoe_ce.py", "ce_common.py"),
-        ["OlmoeCEForCausalLM"],
-        {
-            "AutoConfig": "configuration_olmoe_ce.OlmoeCEConfig",
-            "AutoModel": "modeling_olmoe_ce.OlmoeCEModel",
-            "AutoModelForCausalLM": "modeling_olmoe_ce.OlmoeCEForCausalLM",
-        },
-    ),
-    "phimoe": (
-        "phimoe_ce",
-        ("configuration_phimoe_ce.py", "modeling_phimoe_ce.py", "ce_common.py"),
-        ["PhimoeCEForCausalLM"],
-        {
-            "AutoConfig": "configuration_phimoe_ce.PhimoeCEConfig",
-            "AutoModel": "modeling_phimoe_ce.PhimoeCEModel",
-            "AutoModelForCausalLM": "modeling_phimoe_ce.PhimoeCEForCausalLM",
-        },
-    ),
-}
+# base model_type -> CEExport (CE model_type, files to copy, architectures, auto_map) of the built-in
+# families; each family declares its own (megatron_ce/models/<family>/export.py). The functions below
+# read the registry, so a family registered later is covered too.
+CE_MODELING = registry.ce_exports()
 
 
 def supported_ce_model_types():
-    return sorted(CE_MODELING)
+    return sorted(registry.ce_exports())
 
 
 def base_model_type(model_type):
     """The base family of a CE export's model_type ("olmoe_ce" -> "olmoe"); others unchanged."""
-    for base, (ce_type, *_rest) in CE_MODELING.items():
-        if model_type == ce_type:
-            return base
-    return model_type
+    return registry.base_model_type(model_type)
 
 
 def install_ce_modeling(save_dir: str, config: Dict[str, Any], model_type: str) -> Dict[str, Any]:
     """Copy the CE modeling files for `model_type` into save_dir; update `config` in place (and return it).
     A family without HF CE modeling code yet: a warning, config unchanged (weights are still exported)."""
-    if model_type not in CE_MODELING:
+    exports = registry.ce_exports()
+    if model_type not in exports:
         warnings.warn(
             f"no HF CE modeling code for model_type {model_type!r} (available: "
             f"{', '.join(supported_ce_model_types())}): the export has CE tables but loads only as the "
             "stock model, which ignores them"
         )
         return config
-    ce_type, files, architectures, auto_map = CE_MODELING[model_type]
+    export = exports[model_type]
     os.makedirs(save_dir, exist_ok=True)
-    for name in files:
+    for name in export.files:
         shutil.copy2(os.path.join(HERE, name), os.path.join(save_dir, name))
-    config["model_type"] = ce_type
-    config["architectures"] = list(architectures)
-    config["auto_map"] = dict(auto_map)
+    config["model_type"] = export.model_type
+    config["architectures"] = list(export.architectures)
+    config["auto_map"] = dict(export.auto_map)
     return config
 
 

@@ -64,9 +64,11 @@ def build_gpt_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     vp_stage: Optional[int] = None,
+    model_class=None,
 ):
-    """megatron-core GPTModel for this rank's pipeline stage. Parallel state must be initialised
-    (megatron_ce.runtime.init_parallel, which also applies the CPU shims when CUDA is absent)."""
+    """megatron-core GPTModel (or the family's subclass `model_class`) for this rank's pipeline stage.
+    Parallel state must be initialised (megatron_ce.runtime.init_parallel, which also applies the CPU
+    shims when CUDA is absent)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -79,7 +81,7 @@ def build_gpt_model(
     kwargs = dict(model_kwargs)
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
-    model = GPTModel(
+    model = (model_class or GPTModel)(
         config=config,
         transformer_layer_spec=layer_spec,
         pre_process=pre_process,

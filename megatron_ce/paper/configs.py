@@ -1,6 +1,5 @@
-"""Released model configs, embedded so the tools need no download (values from the HF config.json files
-of allenai/OLMoE-1B-7B-0924 and microsoft/Phi-3.5-MoE-instruct; rope scaling factors of Phi are not
-needed for counting/benchmarking and are left out)."""
+"""Released model configs, embedded so the tools need no download: each family's `paper_hf_config`
+preset (megatron_ce/models/<family>/presets.py: allenai/OLMoE-1B-7B-0924, microsoft/Phi-3.5-MoE-instruct)."""
 
 from __future__ import annotations
 
@@ -9,76 +8,31 @@ import json
 import os
 from typing import Any, Dict, Tuple
 
-OLMOE_1B_7B: Dict[str, Any] = dict(
-    model_type="olmoe",
-    vocab_size=50304,
-    hidden_size=2048,
-    intermediate_size=1024,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    num_experts=64,
-    num_experts_per_tok=8,
-    norm_topk_prob=False,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-    attention_bias=False,
-    clip_qkv=None,
-    router_aux_loss_coef=0.01,
-    output_router_logits=False,
-    hidden_act="silu",
-    initializer_range=0.02,
-    pad_token_id=1,
-    bos_token_id=None,
-    eos_token_id=50279,
-)
+from megatron_ce.models import registry
 
-PHI_35_MOE: Dict[str, Any] = dict(
-    model_type="phimoe",
-    vocab_size=32064,
-    hidden_size=4096,
-    intermediate_size=6400,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    num_local_experts=16,
-    num_experts_per_tok=2,
-    max_position_embeddings=131072,
-    original_max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    rope_scaling=None,  # LongRoPE factors omitted (no parameters)
-    tie_word_embeddings=False,
-    attention_bias=True,
-    lm_head_bias=True,
-    router_jitter_noise=0.01,
-    input_jitter_noise=0.01,
-    router_aux_loss_coef=0.0,
-    output_router_logits=False,
-    hidden_act="silu",
-    initializer_range=0.02,
-    bos_token_id=1,
-    eos_token_id=32000,
-)
 
-BUILTIN = {"olmoe": OLMOE_1B_7B, "phimoe": PHI_35_MOE}
+def builtin_config(family: str) -> Dict[str, Any]:
+    """A copy of the released HF config of a built-in family."""
+    return copy.deepcopy(registry.presets(family).paper_hf_config)
+
+
+# family name -> released HF config (read-only view; load_model_config returns copies)
+BUILTIN = {mt: registry.presets(mt).paper_hf_config for mt in registry.builtin_model_types()}
 
 
 def load_model_config(name_or_path: str) -> Tuple[str, Dict[str, Any]]:
-    """("olmoe" | "phimoe", HF config dict) for a built-in name or a config.json path / directory."""
+    """(family model_type, HF config dict) for a built-in name or a config.json path / directory."""
     if name_or_path in BUILTIN:
-        return name_or_path, copy.deepcopy(BUILTIN[name_or_path])
+        return name_or_path, builtin_config(name_or_path)
     path = name_or_path
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
     mt = cfg.get("model_type", "")
-    family = {"olmoe": "olmoe", "olmoe_ce": "olmoe", "phimoe": "phimoe"}.get(mt)
-    if family is None:
-        raise ValueError(f"{path}: model_type {mt!r} is not olmoe or phimoe")
+    family = registry.base_model_type(mt)  # a CE export ("olmoe_ce") counts as its base family
+    if family not in BUILTIN:
+        raise ValueError(f"{path}: model_type {mt!r} is not {' or '.join(BUILTIN)}")
     return family, cfg
 
 

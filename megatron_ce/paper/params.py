@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from megatron_ce.models import registry
 from megatron_ce.paper.configs import num_experts
 
 # The paper's stated figures (arXiv 2503.00634) and its non-MoE approximation.
@@ -32,19 +33,14 @@ PAPER = {
 
 
 def _is_released(family: str, cfg: Dict[str, Any]) -> bool:
-    from megatron_ce.paper.configs import BUILTIN
-
-    ref = BUILTIN[family]
+    ref = registry.presets(family).paper_hf_config
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
     return all(cfg.get(k) == ref[k] for k in keys) and num_experts(cfg) == num_experts(ref)
 
 
 def build_meta_model(family: str, cfg: Dict[str, Any], k_a: int = 0, variant: str = "ia3"):
     """The megatron-core model of `cfg` on the meta device (parallel state must be initialised)."""
-    if family == "olmoe":
-        from megatron_ce.models.olmoe import build_olmoe_model as build
-    else:
-        from megatron_ce.models.phimoe import build_phimoe_model as build
+    build = registry.get_family(family).build_model
     with torch.device("meta"):
         return build(cfg, moe_ce_num_compressed=k_a, moe_ce_variant=variant)
 

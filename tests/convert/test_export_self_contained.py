@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.models.olmoe_utils import make_hf_model, tiny_olmoe_config
+from tests.models.families import make_hf_model, tiny_olmoe_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER = os.path.join(REPO, "examples", "data", "tokenizer")

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_ce.convert import convert_hf_to_megatron, convert_megatron_to_hf
-from tests.models.olmoe_utils import load_safetensors_dir
+from tests.models.families import load_safetensors_dir
 
 INDEX = "model.safetensors.index.json"
 # Names of our CE export (no transformers model has them): {layer}, {role}.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from tests.models.olmoe_utils import load_safetensors_dir, make_hf_model, tiny_olmoe_config, token_ids
+from tests.models.families import load_safetensors_dir, make_hf_model, tiny_olmoe_config, token_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_CE = 2
@@ -227,7 +227,7 @@ def test_export_reference_format_refusals(tmp_path, capsys):
 
 def test_export_reference_format_refuses_phimoe(tmp_path, capsys):
     """The reference code is OLMoE-only: any Phi-MoE export is refused (even with ffn <= d)."""
-    from tests.models.phimoe_utils import make_hf_model as make_phimoe, tiny_phimoe_config
+    from tests.models.families import make_hf_model as make_phimoe, tiny_phimoe_config
 
     src = tmp_path / "phi"
     make_phimoe(tiny_phimoe_config(intermediate_size=24)).save_pretrained(src)

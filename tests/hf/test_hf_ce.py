@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_ce.convert import META_NAME, convert_hf_to_megatron, convert_megatron_to_hf
-from tests.models.olmoe_utils import (
+from tests.models.families import (
     build_and_load,
     load_safetensors_dir,
     make_hf_model,

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_ce.convert import META_NAME, convert_hf_to_megatron, convert_megatron_to_hf
-from tests.models.phimoe_utils import (
+from tests.models.families import (
     LONG_SEQ,
     SHORT_SEQ,
     build_and_load,

@@ -1,5 +1,7 @@
 import pytest
 
+from tests.models.families import FAMILIES
+
 
 @pytest.fixture(scope="session")
 def world1():
@@ -8,3 +10,9 @@ def world1():
 
     init_parallel(seed=1234)
     yield
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    """Each model family's tiny-model helpers (tests/models/families.py)."""
+    return FAMILIES[request.param]

@@ -11,7 +11,7 @@ from megatron_ce.models.olmoe import (
     olmoe_model_kwargs,
     olmoe_transformer_config,
 )
-from tests.models.olmoe_utils import (
+from tests.models.families import (
     build_and_load,
     hf_logits,
     make_hf_model,
@@ -198,7 +198,7 @@ def test_grouped_mlp_checkpoint_round_trip(world1, tmp_path):
     from megatron.core import dist_checkpointing
 
     from megatron_ce.convert import META_NAME, convert_megatron_to_hf
-    from tests.models.olmoe_utils import load_safetensors_dir
+    from tests.models.families import load_safetensors_dir
 
     cfg = tiny_olmoe_config(num_experts=6, num_experts_per_tok=4)
     hf = make_hf_model(cfg)

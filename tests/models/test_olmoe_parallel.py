@@ -12,7 +12,7 @@ import torch
 
 from tests.dist_harness import run_distributed
 from megatron_ce.convert import META_NAME, convert_hf_to_megatron, convert_megatron_to_hf
-from tests.models.olmoe_utils import (
+from tests.models.families import (
     hf_logits,
     layouts_rank_fn,
     load_safetensors_dir,
@@ -66,7 +66,7 @@ def test_parity_and_round_trip_tp2_ep2_pp2(tmp_path):
 def test_parity_ce_and_tp2_pp2_ep2_world4(tmp_path, world1):
     """4 ranks: TP2xPP2xEP2 (ETP1) for the stock model; CE (random thetas) at EP2 and TP2 equals
     the CE model at world 1."""
-    from tests.models.olmoe_utils import build_and_load, mcore_logits
+    from tests.models.families import build_and_load, mcore_logits
 
     cfg, hf, hf_dir, ckpt = _setup(tmp_path, intermediate_size=32)  # the reference `ces` needs ffn <= d
     ids = token_ids()
@@ -112,7 +112,7 @@ def test_full_width_qk_norm_grads_tp2_sp(tmp_path):
     """Training correctness of the full-width QK-norm under TP=2 + SP (a known bug area): loss and
     every gradient (q/k norm weights included) equal the world-1 run on the same weights and batch."""
     from tests.dist_harness import check_layout_equivalence
-    from tests.models.olmoe_utils import olmoe_spec_fn
+    from tests.models.families import olmoe_spec_fn
 
     res = check_layout_equivalence(
         tmp_path, {"tp": 2}, config_kwargs=dict(normalization="RMSNorm", num_query_groups=2), spec_fn=olmoe_spec_fn

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from megatron_ce.runtime import cpu_shims
-from tests.models.olmoe_utils import tiny_olmoe_config
-from tests.models.phimoe_utils import tiny_phimoe_config
+from tests.models.families import FAMILIES
 
 
 class _MetaDeviceTorch(cpu_shims._CpuTorch):
@@ -33,17 +32,15 @@ def mcore_device_is_meta(monkeypatch):
         monkeypatch.setattr(importlib.import_module(module), "torch", view)
 
 
+# tiny configs with room for one compressed expert (Phi-MoE's sparsemixer is top-2: 1 main + 1 CE)
+CE_TINY = {"olmoe": dict(num_experts=4, num_experts_per_tok=3), "phimoe": {}}
+
+
 def _build(family, params_dtype, variant, **overrides):
-    if family == "olmoe":
-        from megatron_ce.models.olmoe import build_olmoe_model as build
-
-        cfg = tiny_olmoe_config(num_experts=4, num_experts_per_tok=3)
-    else:
-        from megatron_ce.models.phimoe import build_phimoe_model as build
-
-        cfg = tiny_phimoe_config()  # sparsemixer is top-2: 1 main + 1 CE
-    return build(cfg.to_dict(), moe_ce_num_compressed=1, moe_ce_variant=variant,
-                 params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, **overrides)
+    fam = FAMILIES[family]
+    cfg = fam.tiny_config(**CE_TINY[family])
+    return fam.build(cfg.to_dict(), moe_ce_num_compressed=1, moe_ce_variant=variant,
+                     params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, **overrides)
 
 
 def _owner(model, name):
@@ -86,10 +83,9 @@ def test_params_on_mcore_device(world1, mcore_device_is_meta, family, variant, p
     _check(model, torch.device("meta"), params_dtype)
 
 
-@pytest.mark.parametrize("family", ["olmoe", "phimoe"])
 def test_cpu_initialization_flag_respected(world1, mcore_device_is_meta, family):
     """use_cpu_initialization=True: CPU for everything, although mcore's current device is meta."""
-    model = _build(family, torch.bfloat16, "ia3", use_cpu_initialization=True)
+    model = _build(family.model_type, torch.bfloat16, "ia3", use_cpu_initialization=True)
     _check(model, torch.device("cpu"), torch.bfloat16)
 
 

@@ -19,7 +19,7 @@ from megatron_ce.models.phimoe import (
     phimoe_transformer_config,
     sparsemixer,
 )
-from tests.models.phimoe_utils import (
+from tests.models.families import (
     LONG_SEQ,
     ORIGINAL_MAX,
     SHORT_SEQ,
@@ -430,7 +430,7 @@ def _parallel_case(tmp_path, monkeypatch, names, round_trip):
 
     from megatron_ce.convert import META_NAME, convert_hf_to_megatron, convert_megatron_to_hf
     from tests.dist_harness import run_distributed
-    from tests.models.phimoe_utils import layouts_rank_fn
+    from tests.models.families import layouts_rank_fn
 
     cfg = tiny_phimoe_config()
     hf = make_hf_model(cfg)

@@ -149,7 +149,7 @@ def test_intermediate_tau_equals_plain_torch_prefix_rule(ckpt):
 
 def test_hf_model_dir(tmp_path, fixed):
     """--hf-model converts an HF folder on the fly; tau = 1 gives its plain top-k count."""
-    from tests.models.olmoe_utils import make_hf_model, tiny_olmoe_config
+    from tests.models.families import make_hf_model, tiny_olmoe_config
 
     hf = {k: v for k, v in CONFIG.items() if k != "model_type"}
     make_hf_model(tiny_olmoe_config(**hf)).save_pretrained(tmp_path / "hf")

@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
 
-from tests.models.olmoe_utils import make_hf_model, tiny_olmoe_config  # noqa: E402
+from tests.models.families import make_hf_model, tiny_olmoe_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER = os.path.join(REPO, "examples", "data", "tokenizer")

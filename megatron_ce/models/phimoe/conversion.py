@@ -1,5 +1,5 @@
-"""Phi-MoE conversion table: HF `PhimoeForCausalLM` <-> megatron-core PhimoeGPTModel
-(megatron_ce.models.phimoe).
+"""Phi-MoE conversion table: HF `PhimoeForCausalLM` <-> megatron-core PhimoeGPTModel (`model.py`),
+and the names of its CE tables in our export.
 
 HF names are the transformers 4.x names every Phi-MoE checkpoint on disk uses (transformers 5.x
 `save_pretrained` writes them too): `block_sparse_moe.gate`, `block_sparse_moe.experts.E.w1/w2/w3`
@@ -11,9 +11,9 @@ Biases (q/k/v/o with `attention_bias`, lm_head with `lm_head_bias`, every LayerN
 
 from __future__ import annotations
 
-from megatron_ce.convert.families import CETables, Family, register
 from megatron_ce.convert.hf_io import FusedExperts
 from megatron_ce.convert.mapping import QKV, Direct, GatedMLP, Router
+from megatron_ce.models.registry import CETables
 
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
@@ -69,46 +69,26 @@ CE_HF = {
 }
 
 
-def build_model(hf_config, moe_ce_num_compressed=0, moe_ce_variant="ia3", **overrides):
-    from megatron_ce.models.phimoe import build_phimoe_model
-
-    return build_phimoe_model(
-        hf_config,
-        moe_ce_num_compressed=moe_ce_num_compressed,
-        moe_ce_variant=moe_ce_variant,
-        **overrides,
-    )
-
-
+# The reference CE code is OLMoE-only (and its `ces` [n, 3, d] cannot hold Phi's ffn 6400 > d).
+CE_TABLES = CETables(CE_MEGATRON, CE_HF)
 _LAYER = r"(model\.layers\.\d+)"
-
-PHIMOE = register(
-    Family(
-        model_type="phimoe",
-        architectures=("PhimoeForCausalLM",),
-        build_model=build_model,
-        table=table,
-        # The reference CE code is OLMoE-only (and its `ces` [n, 3, d] cannot hold Phi's ffn 6400 > d).
-        ce=CETables(CE_MEGATRON, CE_HF),
-        # transformers 5.x in-memory names, should they be found on disk: renamed to the 4.x block,
-        # then the fused expert tensors are split per expert (gate_up_proj = [w1; w3]).
-        hf_aliases=(
-            (_LAYER + r"\.mlp\.router\.weight$", r"\1.block_sparse_moe.gate.weight"),
-            (_LAYER + r"\.mlp\.experts\.(gate_up_proj|down_proj)$", r"\1.block_sparse_moe.experts.\2"),
-        ),
-        fused_experts=(
-            FusedExperts(
-                _LAYER + r"\.block_sparse_moe\.experts\.gate_up_proj",
-                [
-                    ("{0}.block_sparse_moe.experts.{expert}.w1.weight", 0, 2),
-                    ("{0}.block_sparse_moe.experts.{expert}.w3.weight", 1, 2),
-                ],
-            ),
-            FusedExperts(
-                _LAYER + r"\.block_sparse_moe\.experts\.down_proj",
-                [("{0}.block_sparse_moe.experts.{expert}.w2.weight", 0, 1)],
-            ),
-        ),
-        hf_ignore=(r".*\.rotary_emb\.(inv_freq|original_inv_freq|long_inv_freq)",),
-    )
+# transformers 5.x in-memory names, should they be found on disk: renamed to the 4.x block,
+# then the fused expert tensors are split per expert (gate_up_proj = [w1; w3]).
+HF_ALIASES = (
+    (_LAYER + r"\.mlp\.router\.weight$", r"\1.block_sparse_moe.gate.weight"),
+    (_LAYER + r"\.mlp\.experts\.(gate_up_proj|down_proj)$", r"\1.block_sparse_moe.experts.\2"),
 )
+FUSED_EXPERTS = (
+    FusedExperts(
+        _LAYER + r"\.block_sparse_moe\.experts\.gate_up_proj",
+        [
+            ("{0}.block_sparse_moe.experts.{expert}.w1.weight", 0, 2),
+            ("{0}.block_sparse_moe.experts.{expert}.w3.weight", 1, 2),
+        ],
+    ),
+    FusedExperts(
+        _LAYER + r"\.block_sparse_moe\.experts\.down_proj",
+        [("{0}.block_sparse_moe.experts.{expert}.w2.weight", 0, 1)],
+    ),
+)
+HF_IGNORE = (r".*\.rotary_emb\.(inv_freq|original_inv_freq|long_inv_freq)",)

@@ -1,4 +1,5 @@
-"""OLMoE conversion table: HF `OlmoeForCausalLM` <-> megatron-core GPTModel (megatron_ce.models.olmoe).
+"""OLMoE conversion table: HF `OlmoeForCausalLM` <-> megatron-core GPTModel (`model.py`), and the
+names of its CE tables in our export and in the reference implementation's `ces` tensor.
 
 mcore names are those of the TP=PP=EP=1 state dict; `{layer}` and `{expert}` are expanded.
 """
@@ -7,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ce.convert.families import CETables, Family, register
 from megatron_ce.convert.hf_io import FusedExperts
 from megatron_ce.convert.mapping import QKV, Context, Direct, GatedMLP, Mapping, Router
+from megatron_ce.models.registry import CETables
 
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
@@ -103,32 +104,13 @@ def reference_ces():
     return [ReferenceCES()]
 
 
-def build_model(hf_config, moe_ce_num_compressed=0, moe_ce_variant="ia3", **overrides):
-    from megatron_ce.models.olmoe import build_olmoe_model
-
-    return build_olmoe_model(
-        hf_config,
-        moe_ce_num_compressed=moe_ce_num_compressed,
-        moe_ce_variant=moe_ce_variant,
-        **overrides,
-    )
-
-
-OLMOE = register(
-    Family(
-        model_type="olmoe",
-        architectures=("OlmoeForCausalLM",),
-        build_model=build_model,
-        table=table,
-        ce=CETables(CE_MEGATRON, CE_HF, reference=reference_ces, reference_probe=REFERENCE_CES.format(layer=0)),
-        # transformers 5.x in-memory layout, should it be found on disk.
-        fused_experts=(
-            FusedExperts(
-                r"(model\.layers\.\d+\.mlp\.experts)\.gate_up_proj",
-                [("{0}.{expert}.gate_proj.weight", 0, 2), ("{0}.{expert}.up_proj.weight", 1, 2)],
-            ),
-            FusedExperts(r"(model\.layers\.\d+\.mlp\.experts)\.down_proj", [("{0}.{expert}.down_proj.weight", 0, 1)]),
-        ),
-        hf_ignore=(r".*\.rotary_emb\.inv_freq",),
-    )
+CE_TABLES = CETables(CE_MEGATRON, CE_HF, reference=reference_ces, reference_probe=REFERENCE_CES.format(layer=0))
+# transformers 5.x in-memory layout, should it be found on disk.
+FUSED_EXPERTS = (
+    FusedExperts(
+        r"(model\.layers\.\d+\.mlp\.experts)\.gate_up_proj",
+        [("{0}.{expert}.gate_proj.weight", 0, 2), ("{0}.{expert}.up_proj.weight", 1, 2)],
+    ),
+    FusedExperts(r"(model\.layers\.\d+\.mlp\.experts)\.down_proj", [("{0}.{expert}.down_proj.weight", 0, 1)]),
 )
+HF_IGNORE = (r".*\.rotary_emb\.inv_freq",)
