@@ -9,8 +9,8 @@
     SAVE/hf_files/                           tokenizer / generation config of the HF source (converter)
 
 The rules for finding and verifying these live here; the trainer (training/checkpoint.py) owns the
-atomic save protocol and the converter (convert/engine.py) the tensor streams. docs/ARCHITECTURE.md
-describes both flows.
+atomic save protocol and the converters (convert/hf_to_megatron.py, convert/megatron_to_hf.py) the
+tensor streams. docs/ARCHITECTURE.md describes both flows.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ DIST_FORMAT = "megatron-core torch_dist"
 
 class FormatError(ValueError):
     """A checkpoint folder or record that does not follow this format (one line, naming the file)."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (the converters' CLIs print errors as a single line)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def iter_dir(root: str, iteration: int) -> str:
@@ -67,7 +72,7 @@ def read_tracker(root: str) -> Optional[str]:
         with open(path, encoding="utf-8") as f:
             it = f.read().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        raise FormatError(f"{path}: cannot read ({one_line(e)})") from None
     if it == RELEASE:
         return os.path.join(root, RELEASE)
     if it.isdigit():
@@ -103,10 +108,8 @@ def read_json_object(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # the JSON error names line and column
+        raise FormatError(f"{path}: not a readable JSON file ({one_line(e)})") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: expected a JSON object, found {type(obj).__name__}")
     return obj
@@ -129,11 +132,15 @@ class ModelRecord:
     @classmethod
     def from_dict(cls, obj: Dict[str, Any], source: str = META_NAME) -> "ModelRecord":
         if not isinstance(obj.get("hf_config"), dict):
-            raise FormatError(f"{source}: no hf_config object (not written by megatron-ce?)")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        rec = cls(**{k: v for k, v in obj.items() if k in known})
-        rec.extra = {k: v for k, v in obj.items() if k not in known}
-        rec.moe_ce_num_compressed = int(rec.moe_ce_num_compressed or 0)
+            raise FormatError(f"{source}: no hf_config object (not written by convert_hf_to_megatron?)")
+        known = {f.name for f in fields(cls)} - {"extra", "model_type", "hf_config"}
+        rec = cls(obj.get("model_type"), obj["hf_config"], **{k: v for k, v in obj.items() if k in known})
+        rec.extra = {k: v for k, v in obj.items() if k not in known | {"model_type", "hf_config"}}
+        try:
+            rec.moe_ce_num_compressed = int(rec.moe_ce_num_compressed or 0)
+        except (TypeError, ValueError):
+            raise FormatError(f"{source}: moe_ce_num_compressed must be an integer, found "
+                              f"{rec.moe_ce_num_compressed!r}") from None
         rec.moe_ce_variant = rec.moe_ce_variant or "ia3"
         return rec
 

@@ -49,7 +49,7 @@ def test_record_round_trip_keeps_unknown_keys_and_fills_ce_defaults(tmp_path):
     assert fmt.find_record(None, str(tmp_path / "missing"), str(out)) == str(out / "megatron_ce.json")
 
 
-@pytest.mark.parametrize("text,match", [("{", r"megatron_ce.json:1: not valid JSON"),
+@pytest.mark.parametrize("text,match", [("{", r"megatron_ce.json: not a readable JSON file \(.*line 1 column"),
                                         ("[1]", "expected a JSON object, found list"),
                                         ('{"model_type": "olmoe"}', "no hf_config object")])
 def test_bad_record_is_one_line(tmp_path, text, match):
@@ -63,3 +63,16 @@ def test_train_state_needs_iteration(tmp_path):
     (tmp_path / "train_state.json").write_text('{"consumed_samples": 3}')
     with pytest.raises(fmt.FormatError, match="no 'iteration'"):
         fmt.read_train_state(str(tmp_path))
+
+
+def test_record_without_model_type_reads(tmp_path):
+    """A record naming no family (the caller then passes --model-type) is a record, not a crash."""
+    (tmp_path / "megatron_ce.json").write_text('{"hf_config": {"hidden_size": 8}, "moe_ce_num_compressed": "2"}')
+    rec = fmt.ModelRecord.read(str(tmp_path / "megatron_ce.json"))
+    assert (rec.model_type, rec.hf_config, rec.moe_ce_num_compressed, rec.extra) == (None, {"hidden_size": 8}, 2, {})
+
+
+def test_non_integer_ce_count_is_one_line(tmp_path):
+    (tmp_path / "megatron_ce.json").write_text('{"model_type": "olmoe", "hf_config": {}, "moe_ce_num_compressed": "two"}')
+    with pytest.raises(fmt.FormatError, match=r"megatron_ce.json: moe_ce_num_compressed must be an integer, found 'two'"):
+        fmt.ModelRecord.read(str(tmp_path / "megatron_ce.json"))

@@ -58,10 +58,8 @@ def main(argv=None):
     def convert():
         from megatron_ce.convert import convert_megatron_to_hf
         from megatron_ce.hf.export import convert_megatron_to_reference
-        from megatron_ce.hf.tokenizer_files import load_override, make_self_contained, missing_tokenizer_note
+        from megatron_ce.hf.tokenizer_files import missing_tokenizer_note, tokenizer_source
 
-        # loaded first: a wrong --tokenizer fails before minutes of weight conversion
-        override = load_override(args.tokenizer) if args.tokenizer is not None else None
         export = convert_megatron_to_reference if args.format == "reference" else convert_megatron_to_hf
         shards = export(
             args.load_dir,
@@ -72,9 +70,10 @@ def main(argv=None):
             model_type=args.model_type,
             moe_ce_num_compressed=args.moe_ce_num_compressed,
             moe_ce_variant=args.moe_ce_variant,
+            tokenizer=args.tokenizer,  # the export writes it (or the recorded one) + generation_config.json
             progress=not args.no_progress,
         )
-        tokenizer = make_self_contained(args.save_dir, args.load_dir, args.tokenizer, override)
+        tokenizer = tokenizer_source(args.load_dir, args.tokenizer)
         if tokenizer is None:
             print(missing_tokenizer_note(args.save_dir), file=sys.stderr)
         done = f"wrote {len(shards)} shard(s) to {args.save_dir}"

@@ -119,6 +119,16 @@ class ModelLayout:
             out.setdefault(p.key, p.global_shape)
         return out
 
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """mcore parameter names -> their full (world-1) shapes."""
+        return {n: p.shape for n, p in self.params.items()}
+
+    def rename_keys(self, renames: Dict[str, str]) -> None:
+        """Read (or write) the parameters stored under key k from key renames[k] instead."""
+        for p in self.params.values():
+            for ch in p.chunks:
+                ch.key = renames.get(ch.key, ch.key)
+
 
 def model_layout(model: torch.nn.Module) -> ModelLayout:
     """ModelLayout of a model built at TP=PP=EP=1 (on any device, meta included)."""
@@ -264,49 +274,23 @@ def write_dist_checkpoint(
     full (world-1) tensor when its chunks are written; parameters are written in layout order, one
     file per group. `produce` may cache; `on_group_done(group)` is called after each group."""
     os.makedirs(ckpt_dir, exist_ok=True)
-    items = []
-    item_param: Dict[Tuple[str, Tuple[int, ...]], Tuple[str, Chunk]] = {}
-    fqn_group: Dict[Tuple[str, Tuple[int, ...]], str] = {}
-    for p in layout.params.values():
-        group = group_of_param(p.name)
-        for ch in p.chunks:
-            offsets = torch.Size(ch.global_offset)
-            items.append(
-                WriteItem(
-                    index=MetadataIndex(fqn=ch.key, offset=offsets),
-                    type=WriteItemType.SHARD,
-                    tensor_data=TensorWriteData(
-                        chunk=ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(ch.sizes)),
-                        properties=TensorProperties(dtype=key_dtypes[ch.key]),
-                        size=torch.Size(ch.global_shape),
-                    ),
-                )
-            )
-            item_param[(ch.key, tuple(ch.global_offset))] = (p.name, ch)
-            fqn_group[(ch.key, tuple(ch.global_offset))] = group
-    object_data = {}
-    for key, data in layout.objects:
-        items.append(WriteItem(index=MetadataIndex(fqn=key), type=WriteItemType.BYTE_IO))
-        buf = io.BytesIO()
-        torch.save([data], buf)  # what megatron-core stores for a ShardedObject
-        object_data[key] = buf
+    items, source, fqn_group = _tensor_items(layout, key_dtypes, group_of_param)
+    object_items, object_data = _object_items(layout)
 
     def resolve(write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             buf = object_data[write_item.index.fqn]
             buf.seek(0)
             return buf
-        name, ch = item_param[(write_item.index.fqn, tuple(write_item.index.offset))]
-        t = produce(name)
-        dtype = key_dtypes[ch.key]
-        return t[ch.param_region()].to(dtype).reshape(ch.sizes).contiguous()
+        name, ch = source[(write_item.index.fqn, tuple(write_item.index.offset))]
+        return produce(name)[ch.param_region()].to(key_dtypes[ch.key]).reshape(ch.sizes).contiguous()
 
     def group_of(fqn, item):
         if item.type == WriteItemType.BYTE_IO:
             return "__objects__"
         return fqn_group[(fqn, tuple(item.index.offset))]
 
-    planner = _StreamingSavePlanner(items, _tracking(resolve, fqn_group, on_group_done))
+    planner = _StreamingSavePlanner(items + object_items, _tracking(resolve, fqn_group, on_group_done))
     writer = _GroupedFileWriter(ckpt_dir, group_of)
     with _quiet_dcp():
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
@@ -315,6 +299,39 @@ def write_dist_checkpoint(
     with open(os.path.join(ckpt_dir, "metadata.json"), "w", encoding="utf-8") as f:
         json.dump(METADATA_JSON, f)
     torch.save({}, os.path.join(ckpt_dir, "common.pt"))
+
+
+def _tensor_items(layout: ModelLayout, key_dtypes, group_of_param):
+    """One DCP write item per stored chunk, with where its data comes from ((key, offset) -> (param
+    name, chunk)) and the group (file) it goes to ((key, offset) -> group)."""
+    items, source, fqn_group = [], {}, {}
+    for p in layout.params.values():
+        group = group_of_param(p.name)
+        for ch in p.chunks:
+            offsets = torch.Size(ch.global_offset)
+            items.append(WriteItem(
+                index=MetadataIndex(fqn=ch.key, offset=offsets),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(ch.sizes)),
+                    properties=TensorProperties(dtype=key_dtypes[ch.key]),
+                    size=torch.Size(ch.global_shape),
+                ),
+            ))
+            source[(ch.key, tuple(ch.global_offset))] = (p.name, ch)
+            fqn_group[(ch.key, tuple(ch.global_offset))] = group
+    return items, source, fqn_group
+
+
+def _object_items(layout: ModelLayout):
+    """The model's ShardedObjects as DCP byte items, serialised as megatron-core stores them."""
+    items, data = [], {}
+    for key, obj in layout.objects:
+        items.append(WriteItem(index=MetadataIndex(fqn=key), type=WriteItemType.BYTE_IO))
+        buf = io.BytesIO()
+        torch.save([obj], buf)  # what megatron-core stores for a ShardedObject
+        data[key] = buf
+    return items, data
 
 
 def _tracking(resolve, fqn_group, on_group_done):

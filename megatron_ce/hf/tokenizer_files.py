@@ -7,11 +7,11 @@ does exactly that unless given `tokenizer=`), so the tokenizer travels with the 
                           (`save_tokenizer(args.tokenizer_model, iter_N.tmp, args.chat_template)`, rank 0,
                           inside the folder that is then renamed to iter_N: it appears with it, atomically)
     converter checkpoint  SAVE/hf_files/                 the HF model's tokenizer + generation_config
-                          files, when its folder has them (convert_hf_to_megatron, engine.HF_FILES_DIR)
+                          files, when its folder has them (convert_hf_to_megatron; checkpoint_format.HF_FILES_DIR)
 
 `find_tokenizer(checkpoint)` returns the first of these that holds tokenizer files (the iteration's
 own first: a run saving into a converter's folder trained with its own tokenizer). The exporter
-(`make_self_contained`, called by tools/convert_megatron_to_hf.py after the weights and config.json)
+(`make_self_contained`, called by convert_megatron_to_hf after the weights and config.json)
 copies it into the export, or the tokenizer given with `--tokenizer` instead, and writes
 generation_config.json with the tokenizer's bos/eos/pad ids (the eos the SFT data ended every
 response with), falling back to config.json's.
@@ -26,7 +26,8 @@ import shutil
 import warnings
 from typing import Any, Dict, Optional, Union
 
-TOKENIZER_DIR = "tokenizer"  # in a trainer's iteration folder
+from megatron_ce.checkpoint_format import HF_FILES_DIR, TOKENIZER_DIR, one_line, resolve_checkpoint_dir
+
 GENERATION_CONFIG = "generation_config.json"
 
 # What a tokenizer is saved as (transformers save_pretrained, sentencepiece, BPE vocab + merges).
@@ -47,6 +48,19 @@ _LOADABLE = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "sp
 
 def _is_tokenizer_file(name: str) -> bool:
     return any(re.fullmatch(p, name) for p in TOKENIZER_FILE_PATTERNS)
+
+
+def copy_hf_files(src: str, dst: str) -> None:
+    """Copy the tokenizer and generation-config files (not weights, not config.json) of folder src into
+    dst (created when there is something to copy): an HF model's into a converted checkpoint's hf_files/,
+    and from there into its export."""
+    if not os.path.isdir(src):
+        return
+    names = [n for n in os.listdir(src) if _is_tokenizer_file(n) or n == GENERATION_CONFIG]
+    if names:
+        os.makedirs(dst, exist_ok=True)
+        for n in names:
+            shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
 
 
 def has_tokenizer_files(path: str) -> bool:
@@ -86,13 +100,17 @@ def save_tokenizer(source: Union[str, os.PathLike, Any], dest_dir: str, chat_tem
 def find_tokenizer(checkpoint: str) -> Optional[str]:
     """The tokenizer folder recorded with a checkpoint (a save dir with a tracker file, or an iteration /
     release folder itself), or None. Layout: see the module docstring."""
-    from megatron_ce.convert.engine import HF_FILES_DIR, resolve_checkpoint_dir
-
     ckpt_dir = os.path.abspath(resolve_checkpoint_dir(os.fspath(checkpoint)))
     for d in (os.path.join(ckpt_dir, TOKENIZER_DIR), os.path.join(os.path.dirname(ckpt_dir), HF_FILES_DIR)):
         if has_tokenizer_files(d):
             return d
     return None
+
+
+def tokenizer_source(checkpoint: str, tokenizer: Optional[str] = None) -> Optional[str]:
+    """What an export of `checkpoint` takes its tokenizer from: `tokenizer` (--tokenizer) when given,
+    else the one recorded with the checkpoint; None when there is neither."""
+    return tokenizer if tokenizer is not None else find_tokenizer(checkpoint)
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,7 +195,7 @@ def make_self_contained(save_dir: str, load_dir: str, tokenizer: Optional[str] =
     from transformers import AutoTokenizer
 
     save_dir = os.fspath(save_dir)
-    source = tokenizer if tokenizer is not None else find_tokenizer(load_dir)
+    source = tokenizer_source(load_dir, tokenizer)
     tok = None
     if source is not None:
         if tokenizer is not None:
@@ -190,7 +208,7 @@ def make_self_contained(save_dir: str, load_dir: str, tokenizer: Optional[str] =
             # without it transformers asks on the terminal whether to run it (and waits).
             tok = AutoTokenizer.from_pretrained(save_dir, trust_remote_code=True)
         except Exception as e:
-            raise _conversion_error(f"the tokenizer from {source} does not load from {save_dir} ({e})") from None
+            raise _conversion_error(f"the tokenizer from {source} does not load from {save_dir} ({one_line(e)})") from None
         _check_vocab(tok, save_dir, source)
     write_generation_config(save_dir, tok)
     return source

@@ -17,7 +17,7 @@ from megatron_ce.convert import (
     supported_model_types,
 )
 from megatron_ce.convert.dist_io import DistCheckpointReader
-from tests.models.olmoe_utils import load_safetensors_dir, make_hf_model, tiny_olmoe_config
+from tests.models.families import load_safetensors_dir, make_hf_model, tiny_olmoe_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
