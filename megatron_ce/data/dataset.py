@@ -259,27 +259,12 @@ def _split_indices(n: int, split_eval: float, seed: int, shuffle: bool):
 
 
 def build_sft_dataset(
-    path_or_name=None,
-    tokenizer=None,
-    seq_length: int = 1024,
-    *,
-    fmt: str = "alpaca",
-    packing: Optional[str] = None,
-    task: Optional[str] = None,
-    split_eval: float = 0.0,
-    seed: int = 1234,
-    shuffle: bool = True,
-    loss_on: Optional[str] = None,
-    chat_template: Optional[str] = None,
-    prompt_field: Optional[str] = None,
-    response_field: Optional[str] = None,
-    input_field: Optional[str] = "input",
-    messages_field: Optional[str] = None,
-    first_turn_only: Optional[bool] = None,
-    max_rows: Optional[int] = None,
-    return_attention_mask: bool = False,
-    split: str = "train",
-    hub_config: Optional[str] = None,
+    path_or_name=None, tokenizer=None, seq_length: int = 1024, *, fmt: str = "alpaca",
+    packing: Optional[str] = None, task: Optional[str] = None, split_eval: float = 0.0, seed: int = 1234,
+    shuffle: bool = True, loss_on: Optional[str] = None, chat_template: Optional[str] = None,
+    prompt_field: Optional[str] = None, response_field: Optional[str] = None, input_field: Optional[str] = "input",
+    messages_field: Optional[str] = None, first_turn_only: Optional[bool] = None, max_rows: Optional[int] = None,
+    return_attention_mask: bool = False, split: str = "train", hub_config: Optional[str] = None,
     cache_dir: Optional[str] = None,
 ) -> Tuple[SFTDataset, Optional[SFTDataset], SFTDataStats]:
     """Build train (and held-out eval) SFT datasets. Returns ``(train_ds, eval_ds or None, stats)``.
@@ -308,6 +293,33 @@ def build_sft_dataset(
     and samples longer than `seq_length` (boundary/none packing), are dropped; both are counted in
     the returned stats and logged.
     """
+    packing, loss_on, preset = _resolve_recipe(fmt, packing, loss_on, task)
+    path_or_name, tokenizer, seq_length = _resolve_inputs(path_or_name, tokenizer, seq_length, preset)
+    stats = SFTDataStats(seq_length=seq_length)
+    layout_kw = dict(preset=preset, prompt_field=prompt_field, response_field=response_field, input_field=input_field,
+                     messages_field=messages_field, first_turn_only=first_turn_only)
+    examples = _read_examples(path_or_name, fmt, stats, layout_kw, max_rows=max_rows, split=split,
+                              cache_dir=cache_dir, hub_config=hub_config)
+    train_idx, eval_idx = _split_indices(len(examples), split_eval, seed, shuffle)
+    ordered = [examples[k] for k in train_idx + eval_idx]
+    tokenized = tokenize_examples(ordered, tokenizer, fmt, loss_on=loss_on, chat_template=chat_template)
+    pairs = list(zip(ordered, tokenized))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def make(part):
+        samples, locs = _keep_samples(part, seq_length, packing, stats)
+        return SFTDataset(samples, seq_length, packing, pad_id, locations=locs, seed=seed, shuffle=shuffle,
+                          return_attention_mask=return_attention_mask)
+
+    train_ds = make(pairs[: len(train_idx)])
+    eval_ds = make(pairs[len(train_idx):]) if eval_idx else None
+    _finish_stats(stats, train_ds, eval_ds, _source_name(path_or_name))
+    return train_ds, eval_ds, stats
+
+
+def _resolve_recipe(fmt: str, packing: Optional[str], loss_on: Optional[str], task: Optional[str]):
+    """(packing, loss_on, task preset or None) with the format's defaults; a bad combination is a
+    ValueError."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown fmt {fmt!r} ({' | '.join(FORMATS)})")
     packing = packing or ("reference" if fmt == "alpaca" else "boundary")
@@ -324,6 +336,12 @@ def build_sft_dataset(
         if task not in TASK_PRESETS:
             raise ValueError(f"unknown task {task!r} ({' | '.join(TASK_PRESETS)})")
         preset = TASK_PRESETS[task]
+    return packing, loss_on, preset
+
+
+def _resolve_inputs(path_or_name, tokenizer, seq_length, preset):
+    """(data source, tokenizer object, seq_length): the task's hub dataset when no path is given, a
+    tokenizer loaded from its path."""
     if path_or_name is None:
         if preset is None:
             raise ValueError("give a data path / hub name, or a task")
@@ -335,8 +353,16 @@ def build_sft_dataset(
     seq_length = int(seq_length)
     if seq_length < 2:
         raise ValueError("seq_length must be at least 2")
+    return path_or_name, tokenizer, seq_length
 
-    stats = SFTDataStats(seq_length=seq_length)
+
+def _source_name(path_or_name) -> str:
+    return str(path_or_name) if isinstance(path_or_name, (str, os.PathLike)) else "dataset"
+
+
+def _read_examples(path_or_name, fmt: str, stats: SFTDataStats, layout_kw: dict, *, max_rows: Optional[int],
+                   split: str, cache_dir: Optional[str], hub_config: Optional[str]) -> list:
+    """Rows -> examples; rows with an empty response are counted in `stats` and dropped."""
     layout, layout_source = None, None
     examples = []
     for loc, row in iter_rows(path_or_name, split=split, cache_dir=cache_dir, hub_config=hub_config):
@@ -346,55 +372,45 @@ def build_sft_dataset(
         source = loc.rsplit(":", 1)[0]
         if layout_source != source:  # layout: explicit, or detected on the first row of each file
             layout_source = source
-            layout = resolve_layout(loc, row, preset=preset, prompt_field=prompt_field,
-                                    response_field=response_field, input_field=input_field,
-                                    messages_field=messages_field, first_turn_only=first_turn_only)
+            layout = resolve_layout(loc, row, **layout_kw)
         ex = row_to_example(loc, row, layout, fmt)
         if ex is EMPTY:
             stats._drop("empty_response", loc)
         else:
             examples.append(ex)
     if stats.rows_read == 0:
-        raise DataError(str(path_or_name) if isinstance(path_or_name, (str, os.PathLike)) else "dataset",
-                        "no rows")
+        raise DataError(_source_name(path_or_name), "no rows")
+    return examples
 
-    train_idx, eval_idx = _split_indices(len(examples), split_eval, seed, shuffle)
-    ordered = [examples[k] for k in train_idx + eval_idx]
-    tokenized = tokenize_examples(ordered, tokenizer, fmt, loss_on=loss_on, chat_template=chat_template)
 
-    def keep(part):
-        samples, locs = [], []
-        for ex, t in part:
-            if t is None:
-                stats._drop("empty_response", ex.location)
+def _keep_samples(part, seq_length: int, packing: str, stats: SFTDataStats):
+    """(tokenized samples, their locations) of one split: empty ones dropped, over-length ones
+    dropped (boundary / none) or kept to be split across chunks (reference); all counted in `stats`."""
+    samples, locs = [], []
+    for ex, t in part:
+        if t is None:
+            stats._drop("empty_response", ex.location)
+            continue
+        n = len(t[0])
+        stats.max_sample_tokens = max(stats.max_sample_tokens, n)
+        if n > seq_length:
+            if packing != "reference":
+                stats._drop("overlength", ex.location)
                 continue
-            n = len(t[0])
-            stats.max_sample_tokens = max(stats.max_sample_tokens, n)
-            if n > seq_length:
-                if packing != "reference":
-                    stats._drop("overlength", ex.location)
-                    continue
-                stats.overlength_split += 1
-            samples.append(t)
-            locs.append(ex.location)
-        return samples, locs
+            stats.overlength_split += 1
+        samples.append(t)
+        locs.append(ex.location)
+    return samples, locs
 
-    pairs = list(zip(ordered, tokenized))
-    tr_samples, tr_locs = keep(pairs[: len(train_idx)])
-    ev_samples, ev_locs = keep(pairs[len(train_idx):])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def make(samples, locs):
-        return SFTDataset(samples, seq_length, packing, pad_id, locations=locs, seed=seed, shuffle=shuffle,
-                          return_attention_mask=return_attention_mask)
-
-    train_ds = make(tr_samples, tr_locs)
-    eval_ds = make(ev_samples, ev_locs) if eval_idx else None
+def _finish_stats(stats: SFTDataStats, train_ds: SFTDataset, eval_ds: Optional[SFTDataset], source: str) -> None:
+    """Fill the split sizes, log what was dropped; no usable training sample is a DataError."""
     stats.train_samples, stats.train_sequences = train_ds.num_samples, len(train_ds)
     stats.train_tokens, stats.train_loss_tokens = train_ds.num_tokens, train_ds.loss_tokens()
     if eval_ds is not None:
         stats.eval_samples, stats.eval_sequences = eval_ds.num_samples, len(eval_ds)
         stats.eval_tokens, stats.eval_loss_tokens = eval_ds.num_tokens, eval_ds.loss_tokens()
+    seq_length = stats.seq_length
     if stats.dropped:
         log.warning("SFT data: dropped %d of %d rows: %d with an empty response%s, %d longer than seq_length %d%s",
                     stats.dropped, stats.rows_read, stats.dropped_empty_response,
@@ -404,10 +420,8 @@ def build_sft_dataset(
         log.warning("SFT data: %d samples longer than seq_length %d kept and split across chunks "
                     "(reference packing)", stats.overlength_split, seq_length)
     if train_ds.num_samples == 0:
-        raise DataError(str(path_or_name) if isinstance(path_or_name, (str, os.PathLike)) else "dataset",
-                        f"no usable training samples ({stats.dropped} of {stats.rows_read} rows dropped)")
+        raise DataError(source, f"no usable training samples ({stats.dropped} of {stats.rows_read} rows dropped)")
     log.info(stats.summary())
-    return train_ds, eval_ds, stats
 
 
 def _where(stats, reason):

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
+from megatron_ce.checkpoint_format import find_record
 from megatron_ce.data import add_sft_data_args
 
 PROG = "megatron_ce.train"
@@ -41,7 +42,14 @@ def _flag(dest: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"python -m {PROG}", description="Supervised fine-tuning of (CE) MoE models on megatron-core.")
+    for add in (_add_model_args, _add_moe_args, _add_parallel_args, _add_fusion_args, _add_training_args,
+                _add_checkpoint_args, _add_logging_args, add_sft_data_args):
+        add(p)
+    return p
 
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """Model shape (or --model-config) and initialisation."""
     g = p.add_argument_group("model (ignored with --model-config, which gives the whole shape)")
     g.add_argument("--model-config", default=None,
                    help="HF config.json (or its folder) of the model family to build, e.g. an OLMoE config; "
@@ -74,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
 
+
+def _add_moe_args(p: argparse.ArgumentParser) -> None:
+    """MoE routing / dispatch and the Compressed Experts settings."""
     g = p.add_argument_group("MoE / Compressed Experts")
     g.add_argument("--moe-token-dispatcher-type", choices=("allgather", "alltoall", "flex"), default="alltoall")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
@@ -97,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-ce-max-main", type=int, default=None,
                    help="mass split: most main experts (default: top-k)")
 
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Parallel layout (checked by check_parallel_layout) and communication overlap."""
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -115,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlap the distributed optimizer's parameter all-gather with the next forward pass "
                         "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
 
+
+def _add_fusion_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's kernel fusions (resolved against the installed kernels in model.py)."""
     g = p.add_argument_group("fusions (Megatron-LM's; on where the kernel is available, else off with a note)")
     g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
                    help="fused (bias +) SwiGLU activation of the MLPs and CE experts")
@@ -130,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cross-entropy-loss-fusion", action="store_true",
                    help="megatron-core's fused vocab-parallel cross entropy (off by default)")
 
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """Batch sizes, schedule, optimizer, precision, recompute."""
     g = p.add_argument_group("training")
     g.add_argument("--seq-length", type=int, default=4096)
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -160,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--seed", type=int, default=1234)
 
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """Save / resume / retention (training/checkpoint_manager.py)."""
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, help="checkpoint folder (iter_XXXXXXX/ + latest_checkpointed_iteration.txt)")
     g.add_argument("--load", default=None,
@@ -179,14 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
 
+
+def _add_logging_args(p: argparse.ArgumentParser) -> None:
+    """TensorBoard, log and eval intervals."""
     g = p.add_argument_group("logging / eval")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=None, help="global batches per eval (default: the whole split)")
-
-    add_sft_data_args(p)
-    return p
 
 
 def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
@@ -204,10 +227,27 @@ def _need(ok: bool, msg: str):
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Checks that need no model/data; fills derived fields (data_parallel_size, global_batch_size)."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    ep = args.expert_model_parallel_size
-    etp = args.expert_tensor_parallel_size or tp
+    """Checks that need no model/data, in a fixed order (the first failing one is reported); fills the
+    derived fields (data_parallel_size, world_size, num_microbatches, global_batch_size and
+    expert_tensor_parallel_size defaults), as Megatron-LM's validate_args does."""
+    _check_positive(args)
+    dp = check_parallel_layout(args, world_size)
+    _check_batch(args, dp)
+    _check_run_length(args)
+    _check_optimizer(args)
+    _check_moe_and_checkpoints(args)
+    _check_inputs(args)
+    _check_gpu_features(args)
+    _check_model_source(args)
+    k_a = args.moe_ce_num_compressed
+    _need(k_a is None or k_a >= 0, f"--moe-ce-num-compressed={k_a} must be >= 0")
+    args.data_parallel_size = dp
+    args.world_size = world_size
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    args.expert_tensor_parallel_size = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+
+
+def _check_positive(args) -> None:
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
                  "micro_batch_size", "seq_length", "log_interval"):
         _need(getattr(args, name) >= 1, f"{_flag(name)}={getattr(args, name)} must be >= 1")
@@ -215,6 +255,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                  "eval_interval", "eval_iters", "lr_decay_iters"):
         v = getattr(args, name)
         _need(v is None or v >= 1, f"{_flag(name)}={v} must be >= 1")
+
+
+def check_parallel_layout(args, world_size: int) -> int:
+    """The one check of the TP/PP/EP/ETP layout against the world size and the sequence (the model
+    shape's divisibility by it: _check_shape_fits_layout). Returns the data-parallel size."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep = args.expert_model_parallel_size
+    etp = args.expert_tensor_parallel_size or tp
     _need(world_size % (tp * pp) == 0,
           f"--tensor-model-parallel-size={tp} x --pipeline-model-parallel-size={pp} does not divide the "
           f"world size {world_size}")
@@ -227,19 +275,29 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _need(not args.sequence_parallel or args.seq_length % tp == 0,
           f"--seq-length={args.seq_length} must be divisible by --tensor-model-parallel-size={tp} "
           "(--sequence-parallel)")
+    return dp
+
+
+def _check_batch(args, dp: int) -> None:
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     _need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
           f"--global-batch-size={args.global_batch_size} must be divisible by --micro-batch-size="
           f"{args.micro_batch_size} x data-parallel size {dp}")
+
+
+def _check_run_length(args) -> None:
+    import signal
+
     _need((args.train_iters is None) != (args.epochs is None), "give exactly one of --train-iters and --epochs")
     _need(args.epochs is None or args.epochs > 0, f"--epochs={args.epochs} must be > 0")
     _need(args.distributed_timeout_minutes > 0,
           f"--distributed-timeout-minutes={args.distributed_timeout_minutes} must be > 0")
-    import signal
-
     _need(isinstance(getattr(signal, str(args.exit_signal).upper(), None), signal.Signals),
           f"--exit-signal={args.exit_signal} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+
+
+def _check_optimizer(args) -> None:
     _need(args.lr >= 0 and args.min_lr >= 0, "--lr and --min-lr must be >= 0")
     _need(args.min_lr <= args.lr, f"--min-lr={args.min_lr} must be <= --lr={args.lr}")
     _need(args.lr_warmup_fraction is None or 0.0 <= args.lr_warmup_fraction < 1.0,
@@ -249,6 +307,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _need(args.clip_grad >= 0, f"--clip-grad={args.clip_grad} must be >= 0")
     _need(args.weight_decay >= 0, f"--weight-decay={args.weight_decay} must be >= 0")
     _need(args.moe_ce_lr_mult > 0, f"--moe-ce-lr-mult={args.moe_ce_lr_mult} must be > 0")
+
+
+def _check_moe_and_checkpoints(args) -> None:
     _need(args.moe_aux_loss_coeff >= 0, f"--moe-aux-loss-coeff={args.moe_aux_loss_coeff} must be >= 0")
     _need(args.moe_expert_capacity_factor is None or args.moe_expert_capacity_factor > 0,
           f"--moe-expert-capacity-factor={args.moe_expert_capacity_factor} must be > 0")
@@ -264,6 +325,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _need(args.keep_last_checkpoints is None or args.save, "--keep-last-checkpoints needs --save")
     _need(args.moe_token_dispatcher_type != "flex",
           "--moe-token-dispatcher-type=flex needs DeepEP (GPU); use alltoall or allgather")
+
+
+def _check_inputs(args) -> None:
     _need(args.finetune is False or args.load, "--finetune needs --load")
     _need(args.data_path or args.task, "--data-path (or --task) is required")
     _need(args.tokenizer_model, "--tokenizer-model is required")
@@ -271,6 +335,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
           "--recompute-granularity=full needs --recompute-method (uniform or block) and --recompute-num-layers")
     if args.recompute_method and args.recompute_num_layers is None:
         args.recompute_num_layers = 1
+
+
+def _check_gpu_features(args) -> None:
     import torch
 
     _need(not args.moe_permute_fusion or (torch.cuda.is_available() and module_available("transformer_engine")),
@@ -280,19 +347,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _need(not args.bf16 or torch.cuda.is_available(),
           "--bf16 needs a GPU here (megatron-core 0.16.1's mixed-precision optimizer accepts only "
           "torch.cuda tensors); train in fp32 on CPU")
-
-    meta_dir = converted_meta_dir(args)
-    if args.model_config is None and meta_dir is None:
-        _validate_shape_flags(args, tp, pp, ep)
-    else:
-        given = [_flag(n) for n in MODEL_SHAPE_FLAGS if getattr(args, n) is not None]
-        source = "--model-config" if args.model_config else f"{meta_dir}/megatron_ce.json"
-        _need(not given, f"{given[0] if given else ''} conflicts with {source} (the model shape comes from it)")
-    k_a = args.moe_ce_num_compressed
-    _need(k_a is None or k_a >= 0, f"--moe-ce-num-compressed={k_a} must be >= 0")
-    args.data_parallel_size = dp
-    args.world_size = world_size
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
 
 
 def module_available(module: str) -> bool:
@@ -305,10 +359,28 @@ def module_available(module: str) -> bool:
         return False
 
 
-def _validate_shape_flags(args, tp, pp, ep):
-    """The model from shape flags (no --model-config): required flags and divisibility."""
+def _check_model_source(args) -> None:
+    """The model shape comes from exactly one place: --model-config, a megatron_ce.json record, or the
+    shape flags."""
+    record = model_record_path(args)
+    if args.model_config is None and record is None:
+        _check_shape_flags(args)
+        _check_shape_fits_layout(args)
+        return
+    given = [_flag(n) for n in MODEL_SHAPE_FLAGS if getattr(args, n) is not None]
+    source = "--model-config" if args.model_config else record
+    _need(not given, f"{given[0] if given else ''} conflicts with {source} (the model shape comes from it)")
+
+
+def _check_shape_flags(args) -> None:
     for name in ("num_layers", "hidden_size", "num_attention_heads", "num_experts", "moe_router_topk"):
         _need(getattr(args, name) is not None, f"{_flag(name)} is required (or --model-config)")
+
+
+def _check_shape_fits_layout(args) -> None:
+    """The shape flags' divisibility by the parallel layout (and the router's own limits)."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep = args.expert_model_parallel_size
     _need(args.num_layers % pp == 0,
           f"--num-layers={args.num_layers} must be divisible by --pipeline-model-parallel-size={pp}")
     _need(args.num_attention_heads % tp == 0,
@@ -323,15 +395,14 @@ def _validate_shape_flags(args, tp, pp, ep):
     _need(k_a < args.moe_router_topk,
           f"--moe-ce-num-compressed={k_a} must be < --moe-router-topk={args.moe_router_topk} "
           "(at least one main expert per token)")
+    _need(args.vocab_size is None or args.vocab_size % tp == 0,
+          f"--vocab-size={args.vocab_size} must be divisible by --tensor-model-parallel-size={tp}")
 
 
-def converted_meta_dir(args) -> Optional[str]:
-    """Folder holding megatron_ce.json (model family + HF config), written by the converter and by our
-    saves of models built from an HF config: --load, then --save (resume), then --pretrained-checkpoint."""
-    for d in (args.load, args.save, args.pretrained_checkpoint):
-        if d and os.path.isfile(os.path.join(d, "megatron_ce.json")):
-            return d
-    return None
+def model_record_path(args) -> Optional[str]:
+    """megatron_ce.json (model family + HF config), written by the converter and by our saves of models
+    built from an HF config: in --load, then --save (resume), then --pretrained-checkpoint."""
+    return find_record(args.load, args.save, args.pretrained_checkpoint)
 
 
 def train_iters_from_epochs(args, num_train_samples: int) -> int:

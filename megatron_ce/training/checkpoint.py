@@ -1,5 +1,7 @@
 """Atomic training checkpoints: model weights as a megatron-core dist checkpoint (reshardable), the
-rest per rank.
+rest per rank. The folder format (file names, tracker, megatron_ce.json record, train_state.json)
+is defined in megatron_ce/checkpoint_format.py; this module owns the trainer's save protocol and
+loads. When to save, what to keep and where to resume: training/checkpoint_manager.py.
 
 Layout of `--save DIR`:
 
@@ -32,15 +34,19 @@ import re
 import shutil
 import threading
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
-TRACKER = "latest_checkpointed_iteration.txt"
-STATE = "train_state.json"
-META_NAME = "megatron_ce.json"
-RELEASE = "release"
+from megatron_ce import checkpoint_format as fmt
+# The folder format is defined once (megatron_ce/checkpoint_format.py); these names stay importable from
+# here. atomic_write is looked up through this module at call time, so a test can patch it here.
+from megatron_ce.checkpoint_format import META_NAME, RELEASE, STATE, TRACKER, ModelRecord, atomic_write, iter_dir
+
+__all__ = ["META_NAME", "RELEASE", "STATE", "TRACKER", "CheckpointError", "CheckpointSaveError", "atomic_write",
+           "find_checkpoint", "iter_dir", "load_model_weights", "read_train_state", "read_tracker",
+           "save_checkpoint", "verify_files"]
 
 
 class CheckpointError(RuntimeError):
@@ -52,17 +58,12 @@ class CheckpointSaveError(CheckpointError):
 
 
 def read_tracker(root: str) -> Optional[str]:
-    """The folder the tracker file names, without checking it (for messages)."""
+    """The folder the tracker file names, without checking it; None when there is none or it is
+    unreadable (for messages and retention, which must not fail on it: find_checkpoint reports it)."""
     try:
-        with open(os.path.join(root, TRACKER), encoding="utf-8") as f:
-            it = f.read().strip()
-    except OSError:
+        return fmt.read_tracker(root)
+    except fmt.FormatError:
         return None
-    return os.path.join(root, RELEASE) if it == RELEASE else iter_dir(root, int(it)) if it.isdigit() else None
-
-
-def iter_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def _rank() -> int:
@@ -73,29 +74,11 @@ def _barrier():
     torch.distributed.barrier()
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: str) -> None:
     for d, _, files in os.walk(root):
         for f in files:
-            _fsync_path(os.path.join(d, f))
-        _fsync_path(d)
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".part"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(os.path.dirname(os.path.abspath(path)))
+            fmt.fsync_path(os.path.join(d, f))
+        fmt.fsync_path(d)
 
 
 def _sync_saves_in_process() -> None:
@@ -118,7 +101,7 @@ def _sync_saves_in_process() -> None:
 def parallel_layout(args) -> Dict[str, Any]:
     return dict(world_size=args.world_size, tp=args.tensor_model_parallel_size,
                 pp=args.pipeline_model_parallel_size, ep=args.expert_model_parallel_size,
-                etp=args.expert_tensor_parallel_size or args.tensor_model_parallel_size,
+                etp=args.expert_tensor_parallel_size,  # validate_args filled its default (= tp)
                 distributed_optimizer=bool(args.use_distributed_optimizer), bf16=bool(args.bf16))
 
 
@@ -242,59 +225,85 @@ def _all_or_none(step, root: str, tmp: str) -> None:
                               f"removed and {read_tracker(root) or 'no checkpoint'} stays the latest")
 
 
-def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, consumed_samples: int,
-                    args, meta: Optional[dict] = None) -> str:
-    """Collective. Returns the final folder."""
-    from megatron.core import dist_checkpointing
-
-    _sync_saves_in_process()
-    final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"
+def _start_save(root: str, tmp: str) -> None:
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):  # left by an interrupted save of this iteration
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     _barrier()
-    # A failed write (disk full, quota, I/O error) on any rank stops every rank alike: the failure is
-    # all-reduced before the next step, the partial folder is removed to free its space, and the
-    # previous checkpoint stays the current one.
-    def rank_files():
-        dist_checkpointing.save(gpt_model.sharded_state_dict(), tmp)
-        rank_state = dict(layout=parallel_layout(args), rng=rng_state(),
-                          optimizer=None if args.no_save_optim else optimizer_rank_state(optimizer, gpt_model))
-        path = rank_state_path(tmp, _rank())
-        with open(path + ".part", "wb") as f:
-            torch.save(rank_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".part", path)
+
+
+def _write_rank_files(tmp: str, gpt_model, optimizer, args) -> None:
+    """This rank's shards of the model (megatron-core's writer) and its optimizer/RNG file."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(gpt_model.sharded_state_dict(), tmp)
+    rank_state = dict(layout=parallel_layout(args), rng=rng_state(),
+                      optimizer=None if args.no_save_optim else optimizer_rank_state(optimizer, gpt_model))
+    path = rank_state_path(tmp, _rank())
+    with open(path + ".part", "wb") as f:
+        torch.save(rank_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".part", path)
+
+
+def _write_folder_files(tmp: str, state: Dict[str, Any], meta: Optional[bytes], args) -> None:
+    """Rank 0: train_state.json, megatron_ce.json and the tokenizer, all durable before the rename."""
+    atomic_write(os.path.join(tmp, STATE), json.dumps(state, indent=2).encode())
+    if meta is not None:
+        atomic_write(os.path.join(tmp, META_NAME), meta)
+    if getattr(args, "tokenizer_model", None):  # the tokenizer trained with: HF exports carry it
+        from megatron_ce.hf.tokenizer_files import save_tokenizer
+
+        save_tokenizer(args.tokenizer_model, tmp, chat_template=getattr(args, "chat_template", None))
+    _fsync_tree(tmp)
+
+
+def _publish(root: str, tmp: str, final: str, iteration: int, meta: Optional[bytes]) -> None:
+    """Rank 0: rename the finished folder into place, then point the tracker at it (the commit)."""
+    if os.path.exists(final):  # re-saving an iteration: swap, then drop the old copy
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fmt.fsync_path(root)
+    atomic_write(os.path.join(root, TRACKER), str(iteration).encode())
+    if meta is not None:  # convenience copy for tools that look at the root
+        atomic_write(os.path.join(root, META_NAME), meta)
+
+
+def _meta_bytes(meta: Union[None, dict, ModelRecord]) -> Optional[bytes]:
+    if meta is None:
+        return None
+    return json.dumps(meta.to_dict() if isinstance(meta, ModelRecord) else meta, indent=2).encode()
+
+
+def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, consumed_samples: int,
+                    args, meta: Union[None, dict, ModelRecord] = None) -> str:
+    """Collective. Returns the final folder. `meta`: the megatron_ce.json record (models built from an
+    HF config), written into the folder and at the root.
+
+    A failed write (disk full, quota, I/O error) on any rank stops every rank alike: the failure is
+    all-reduced before the next step, the partial folder is removed to free its space, and the
+    previous checkpoint stays the current one."""
+    _sync_saves_in_process()
+    final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"
+    meta_bytes = _meta_bytes(meta)
+    _start_save(root, tmp)
 
     def commit():  # rank 0, once every rank's files are written
         state = dict(iteration=iteration, consumed_samples=consumed_samples, layout=parallel_layout(args),
                      scheduler=scheduler.state_dict(), optimizer_saved=not args.no_save_optim,
                      model=model_settings(gpt_model.config))
-        atomic_write(os.path.join(tmp, STATE), json.dumps(state, indent=2).encode())
-        if meta is not None:
-            atomic_write(os.path.join(tmp, META_NAME), json.dumps(meta, indent=2).encode())
-        if getattr(args, "tokenizer_model", None):  # the tokenizer trained with: HF exports carry it
-            from megatron_ce.hf.tokenizer_files import save_tokenizer
+        _write_folder_files(tmp, state, meta_bytes, args)
+        _publish(root, tmp, final, iteration, meta_bytes)
 
-            save_tokenizer(args.tokenizer_model, tmp, chat_template=getattr(args, "chat_template", None))
-        _fsync_tree(tmp)
-        if os.path.exists(final):  # re-saving an iteration: swap, then drop the old copy
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_path(root)
-        atomic_write(os.path.join(root, TRACKER), str(iteration).encode())
-        if meta is not None:  # convenience copy for tools that look at the root
-            atomic_write(os.path.join(root, META_NAME), json.dumps(meta, indent=2).encode())
-
-    _all_or_none(rank_files, root, tmp)
+    _all_or_none(lambda: _write_rank_files(tmp, gpt_model, optimizer, args), root, tmp)
     _all_or_none(commit if _rank() == 0 else None, root, tmp)
     return final
 
@@ -390,10 +399,11 @@ def find_checkpoint(root: str) -> Optional[str]:
         if any(d.startswith("iter_") and not d.endswith((".tmp", ".old", DELETING)) for d in os.listdir(root)):
             raise CheckpointError(f"{root} has iter_* folders but no {TRACKER}")
         return None
-    path = read_tracker(root)
-    if path is None:
-        raise CheckpointError(f"{tracker}: expected '{RELEASE}' or an iteration number")
-    if not os.path.isfile(os.path.join(path, ".metadata")):
+    try:
+        path = fmt.read_tracker(root)
+    except fmt.FormatError as e:
+        raise CheckpointError(str(e)) from None
+    if not fmt.is_dist_checkpoint(path):
         raise CheckpointError(f"{TRACKER} names {path}, which is not a complete checkpoint")
     return path
 
@@ -459,18 +469,16 @@ def load_model_weights(gpt_model, ckpt_dir: str) -> None:
 
 
 def read_train_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
-    """train_state.json (None for weights-only checkpoints, e.g. converted ones)."""
-    path = os.path.join(ckpt_dir, STATE)
-    if not os.path.isfile(path):
-        return None
+    """train_state.json (None for weights-only checkpoints, e.g. converted ones); a damaged one is a
+    one-line CheckpointError naming it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        if not isinstance(state, dict) or "iteration" not in state:
-            raise ValueError("no 'iteration'")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a training state file ({e})") from None
-    return state
+        return fmt.read_train_state(ckpt_dir)
+    except fmt.FormatError as e:
+        path = os.path.join(ckpt_dir, STATE)
+        detail = str(e)[len(path):].lstrip(": ") if str(e).startswith(path) else str(e)
+        if "not a training state file" in detail:
+            raise CheckpointError(str(e)) from None
+        raise CheckpointError(f"{path}: not a training state file ({detail})") from None
 
 
 def rank_state_path(ckpt_dir: str, rank: int) -> str:

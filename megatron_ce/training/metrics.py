@@ -269,6 +269,12 @@ class MetricsWriter:
             self.tb.close()
 
 
+def print0(*a) -> None:
+    """Print on global rank 0 only (the trainer's progress lines); without a process group, print."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(*a, flush=True)
+
+
 def log_line(step: int, total: int, m: Dict[str, float], routing: Dict[str, List[float]],
              theta: Dict[str, torch.Tensor]) -> str:
     parts = [f"iter {step:6d}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.3e}",

@@ -1,26 +1,39 @@
 """Build this rank's GPTModel for training: from an HF config (a registered model family such as
-OLMoE, via `megatron_ce.convert.get_family(model_type).build_model`) or from Megatron shape flags.
+OLMoE, via `megatron_ce.models.registry.get_family(model_type).build_model`) or from Megatron shape flags.
 
 `model_provider(args, tokenizer_len)` is the one function to swap for another model source.
 """
 
 from __future__ import annotations
 
-import json
-import os
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from megatron_ce import compat
-from megatron_ce.training.args import ArgError, converted_meta_dir, module_available
+from megatron_ce.checkpoint_format import FormatError, ModelRecord
+from megatron_ce.training.args import ArgError, model_record_path, module_available
+from megatron_ce.training.checkpoint import CheckpointError
 
-META_NAME = "megatron_ce.json"  # same file the converter writes (megatron_ce.convert.engine.META_NAME)
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What building the model resolved beyond the flags, returned instead of written into `args`:
+    the CE settings (a flag left unset takes the checkpoint record's value, else the record format's
+    default), the padded vocabulary and the megatron_ce.json record to save with checkpoints (None for
+    a model built from shape flags)."""
+
+    moe_ce_num_compressed: int
+    moe_ce_variant: str
+    padded_vocab_size: int
+    record: Optional[ModelRecord]
 
 
-def model_source(args) -> Optional[Dict[str, Any]]:
-    """The model description when it comes from a file: {"hf_config", "model_type", CE defaults}."""
+def model_source(args) -> Optional[ModelRecord]:
+    """The model description when it comes from a file: --model-config, else a megatron_ce.json record
+    (model_record_path); None: the shape flags."""
     if args.model_config:
         from megatron_ce.models.common import hf_config_dict
 
@@ -28,12 +41,21 @@ def model_source(args) -> Optional[Dict[str, Any]]:
             cfg = hf_config_dict(args.model_config)
         except (OSError, ValueError) as e:
             raise ArgError(f"--model-config={args.model_config}: {e}") from None
-        return {"model_type": cfg.get("model_type"), "hf_config": cfg}
-    meta_dir = converted_meta_dir(args)
-    if meta_dir is not None:
-        with open(os.path.join(meta_dir, META_NAME), encoding="utf-8") as f:
-            return json.load(f)
-    return None
+        return ModelRecord(model_type=cfg.get("model_type"), hf_config=cfg)
+    path = model_record_path(args)
+    if path is None:
+        return None
+    try:
+        return ModelRecord.read(path)
+    except FormatError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def resolve_ce(args, source: Optional[ModelRecord]) -> Tuple[int, str]:
+    """(k_a, variant): the flags where given, else the record's (the format's defaults without one)."""
+    base = source if source is not None else ModelRecord(model_type=None, hf_config={})
+    k_a = args.moe_ce_num_compressed
+    return (base.moe_ce_num_compressed if k_a is None else k_a), (args.moe_ce_variant or base.moe_ce_variant)
 
 
 def padded_vocab_size(n: int, divisible_by: int, tp: int) -> int:
@@ -98,7 +120,7 @@ def _config_overrides(args) -> Dict[str, Any]:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size or tp,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,  # validate_args filled the default
         sequence_parallel=args.sequence_parallel,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_expert_capacity_factor=args.moe_expert_capacity_factor,
@@ -130,11 +152,15 @@ def _config_overrides(args) -> Dict[str, Any]:
 
 
 def model_provider(args, tokenizer_len: int) -> Tuple[torch.nn.Module, Optional[Dict[str, Any]]]:
-    """(GPTModel for this rank's pipeline stage, metadata to write next to checkpoints or None).
+    """(GPTModel for this rank's pipeline stage, the megatron_ce.json record to write next to its
+    checkpoints as a dict, or None for a model built from shape flags). Parallel state must be
+    initialised. `build_model` also returns the resolved settings."""
+    model, settings = build_model(args, tokenizer_len)
+    return model, None if settings.record is None else settings.record.to_dict()
 
-    Parallel state must be initialised. Sets args.moe_ce_num_compressed / moe_ce_variant /
-    padded_vocab_size to the values used.
-    """
+
+def build_model(args, tokenizer_len: int) -> Tuple[torch.nn.Module, ModelSettings]:
+    """(GPTModel for this rank's pipeline stage, the settings it was built with); `args` is not changed."""
     source = model_source(args)
     try:
         overrides = _config_overrides(args)
@@ -145,35 +171,38 @@ def model_provider(args, tokenizer_len: int) -> Tuple[torch.nn.Module, Optional[
     overrides.update(fusions)
     if note and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         print(f"note: {note}", flush=True)
+    k_a, variant = resolve_ce(args, source)
     if source is not None:
-        k_a = args.moe_ce_num_compressed
-        if k_a is None:
-            k_a = int(source.get("moe_ce_num_compressed") or 0)
-        variant = args.moe_ce_variant or source.get("moe_ce_variant") or "ia3"
-        args.moe_ce_num_compressed, args.moe_ce_variant = k_a, variant
-        from megatron_ce.convert import get_family
-        from megatron_ce.convert.mapping import ConversionError
-        from megatron_ce.ce import ConfigError
-
-        hf = source["hf_config"]
-        try:
-            family = get_family(source.get("model_type") or hf.get("model_type"))
-            model = family.build_model(hf, moe_ce_num_compressed=k_a, moe_ce_variant=variant,
-                                       use_te=args.transformer_impl == "transformer_engine", **overrides)
-        except (ConversionError, ConfigError) as e:
-            raise ArgError(str(e)) from None
-        args.padded_vocab_size = int(hf["vocab_size"])
-        meta = {"model_type": family.model_type, "hf_config": hf, "moe_ce_num_compressed": k_a,
-                "moe_ce_variant": variant, "format": "megatron-core torch_dist",
-                "dtype": "bfloat16" if args.bf16 else "float32"}
+        model, record = _model_from_record(args, source, k_a, variant, overrides)
+        settings = ModelSettings(k_a, variant, int(source.hf_config["vocab_size"]), record)
     else:
-        args.moe_ce_num_compressed = args.moe_ce_num_compressed or 0
-        args.moe_ce_variant = args.moe_ce_variant or "ia3"
-        model = _model_from_flags(args, tokenizer_len, overrides)
-        meta = None
+        vocab = args.vocab_size or padded_vocab_size(tokenizer_len, args.make_vocab_size_divisible_by,
+                                                     args.tensor_model_parallel_size)
+        model = _model_from_flags(args, vocab, k_a, variant, overrides)
+        settings = ModelSettings(k_a, variant, vocab, None)
     # A vocabulary we padded ourselves (shape flags, no --vocab-size) is right by construction.
-    check_tokenizer_vocab(args, tokenizer_len, padded_here=source is None and not args.vocab_size)
-    return model, meta
+    check_tokenizer_vocab(args, tokenizer_len, settings.padded_vocab_size,
+                          padded_here=source is None and not args.vocab_size)
+    return model, settings
+
+
+def _model_from_record(args, source: ModelRecord, k_a: int, variant: str,
+                       overrides: Dict[str, Any]) -> Tuple[torch.nn.Module, ModelRecord]:
+    """A registered model family's GPTModel from its HF config, and the record describing it."""
+    from megatron_ce.ce import ConfigError
+    from megatron_ce.models.registry import get_family
+    from megatron_ce.convert.mapping import ConversionError
+
+    hf = source.hf_config
+    try:
+        family = get_family(source.model_type or hf.get("model_type"))
+        model = family.build_model(hf, moe_ce_num_compressed=k_a, moe_ce_variant=variant,
+                                   use_te=args.transformer_impl == "transformer_engine", **overrides)
+    except (ConversionError, ConfigError) as e:
+        raise ArgError(str(e)) from None
+    record = ModelRecord(model_type=family.model_type, hf_config=hf, moe_ce_num_compressed=k_a,
+                         moe_ce_variant=variant, dtype="bfloat16" if args.bf16 else "float32")
+    return model, record
 
 
 # Models pad their vocabulary past the tokenizer's size to a multiple of 64 or 128 (OLMoE 50280 ->
@@ -181,8 +210,8 @@ def model_provider(args, tokenizer_len: int) -> Tuple[torch.nn.Module, Optional[
 MAX_VOCAB_PADDING = 128
 
 
-def check_tokenizer_vocab(args, tokenizer_len: int, padded_here: bool = False) -> None:
-    vocab, tok = args.padded_vocab_size, args.tokenizer_model
+def check_tokenizer_vocab(args, tokenizer_len: int, vocab: int, padded_here: bool = False) -> None:
+    tok = args.tokenizer_model
     if tokenizer_len > vocab:
         raise ArgError(f"--tokenizer-model={tok} has {tokenizer_len} tokens but the model's vocabulary has {vocab} "
                        "(--vocab-size / the model config): token ids would index past the embedding")
@@ -191,18 +220,27 @@ def check_tokenizer_vocab(args, tokenizer_len: int, padded_here: bool = False) -
                        f"more than padding apart: the tokenizer of another model? (--allow-vocab-padding to accept)")
 
 
-def _model_from_flags(args, tokenizer_len: int, overrides: Dict[str, Any]) -> torch.nn.Module:
-    from megatron_ce.ce import CETransformerConfig, ConfigError, get_gpt_ce_layer_local_spec, get_gpt_ce_layer_te_spec
+def _model_from_flags(args, vocab: int, k_a: int, variant: str, overrides: Dict[str, Any]) -> torch.nn.Module:
+    """A GPTModel with CE MoE layers from the shape flags (checked against the layout in args.py)."""
     from megatron_ce.models.common import build_gpt_model
 
-    tp = args.tensor_model_parallel_size
-    vocab = args.vocab_size or padded_vocab_size(tokenizer_len, args.make_vocab_size_divisible_by, tp)
-    if vocab % tp:
-        raise ArgError(f"--vocab-size={vocab} must be divisible by --tensor-model-parallel-size={tp}")
-    args.padded_vocab_size = vocab
+    config = _config_from_flags(args, k_a, variant, overrides)
+    return build_gpt_model(config, _layer_spec(args, config), dict(
+        vocab_size=vocab,
+        max_sequence_length=args.max_position_embeddings or args.seq_length,
+        position_embedding_type="rope",
+        rotary_base=int(args.rotary_base or 10000),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        parallel_output=True,
+    ))
+
+
+def _config_from_flags(args, k_a: int, variant: str, overrides: Dict[str, Any]):
+    from megatron_ce.ce import CETransformerConfig, ConfigError
+
     ffn = args.ffn_hidden_size or 4 * args.hidden_size
     try:
-        config = CETransformerConfig(
+        return CETransformerConfig(
             num_layers=args.num_layers,
             hidden_size=args.hidden_size,
             num_attention_heads=args.num_attention_heads,
@@ -219,27 +257,21 @@ def _model_from_flags(args, tokenizer_len: int, overrides: Dict[str, Any]) -> to
             activation_func=F.silu if args.swiglu else F.gelu,
             add_bias_linear=not args.disable_bias_linear,
             qk_layernorm=bool(args.qk_layernorm),
-            moe_ce_num_compressed=args.moe_ce_num_compressed,
-            moe_ce_variant=args.moe_ce_variant,
+            moe_ce_num_compressed=k_a,
+            moe_ce_variant=variant,
             **overrides,
         )
     except (ConfigError, AssertionError, ValueError) as e:
         raise ArgError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+
+
+def _layer_spec(args, config):
+    from megatron_ce.ce import get_gpt_ce_layer_local_spec, get_gpt_ce_layer_te_spec
+
     spec_kw = dict(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
                    qk_layernorm=bool(args.qk_layernorm))
     if args.transformer_impl == "transformer_engine":
-        spec = get_gpt_ce_layer_te_spec(**spec_kw)
-    else:
-        spec = get_gpt_ce_layer_local_spec(normalization=config.normalization,
-                                           **compat.legacy_grouped_gemm_kwargs(compat.uses_legacy_grouped_gemm(config)),
-                                           **spec_kw)
-    model_kwargs = dict(
-        vocab_size=vocab,
-        max_sequence_length=args.max_position_embeddings or args.seq_length,
-        position_embedding_type="rope",
-        rotary_base=int(args.rotary_base or 10000),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        parallel_output=True,
-    )
-    return build_gpt_model(config, spec, model_kwargs)
-
+        return get_gpt_ce_layer_te_spec(**spec_kw)
+    return get_gpt_ce_layer_local_spec(normalization=config.normalization,
+                                       **compat.legacy_grouped_gemm_kwargs(compat.uses_legacy_grouped_gemm(config)),
+                                       **spec_kw)
