@@ -14,9 +14,11 @@ setup(
         # torch is not pinned here: `pip install torch==2.13.0` first takes the local CPU build;
         # an unpinned torch requirement would pull a multi-GB CUDA build on a CPU machine.
         "torch>=2.6",
-        # 0.16.1: newest megatron-core that installs on Python 3.11 (0.17+ needs Python 3.12) and
-        # the last with the legacy GroupedMLP. See README "Why megatron-core 0.16.1".
-        "megatron-core==0.16.1",
+        # Two supported lines (README "Which megatron-core"): 0.16.1 is the newest release that installs
+        # on Python 3.11 (0.17+ needs 3.12); on 3.12, 0.19.x. megatron_ce.compat holds every difference
+        # and refuses other versions at import.
+        "megatron-core==0.16.1; python_version < '3.12'",
+        "megatron-core>=0.19.2,<0.20; python_version >= '3.12'",
         "psutil",  # undeclared dependency of megatron-core's dist_checkpointing.save
         "transformers>=4.46",
         "datasets",
@@ -27,7 +29,14 @@ setup(
         "numpy",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "grouped_gemm"],
+        # Pinned to what each megatron-core line was released against (its own dev/te extras): TE
+        # 2.9-2.11 for 0.16.1, which also runs the legacy grouped GEMM (nv-grouped-gemm, gone in 0.17);
+        # 0.19.x uses TE >= 2.14 features. The PyPI package named `apex` is unrelated: never add it.
+        "gpu": [
+            "transformer-engine[pytorch]>=2.9,<2.12; python_version < '3.12'",
+            "nv-grouped-gemm~=1.1; python_version < '3.12'",
+            "transformer-engine[pytorch]>=2.14,<2.21; python_version >= '3.12'",
+        ],
         # Pinned: task definitions (prompts, filters, shot counts) change scores between releases.
         "eval": ["lm-eval[hf]==0.4.13"],
         # lm-eval is in the test extra so CI runs the evaluation end to end (tests/tools/test_evaluate.py).
