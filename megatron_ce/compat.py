@@ -21,6 +21,9 @@ from megatron.core import package_info
 #: Installed megatron-core as (major, minor, patch).
 MCORE_VERSION: Tuple[int, int, int] = (int(package_info.MAJOR), int(package_info.MINOR), int(package_info.PATCH))
 
+#: Installed megatron-core's version string, for messages (skip reasons, errors).
+MCORE_VERSION_STR: str = package_info.__version__
+
 SUPPORTED_RANGE = "megatron-core ==0.16.1 (Python 3.11) or >=0.19.2,<0.20 (Python 3.12)"
 
 
@@ -206,6 +209,7 @@ MCORE_NAMES_BY_RELEASE: Dict[Tuple[str, str], str] = {
     ("megatron.core.transformer.spec_utils", "build_module"): _ALL,
     ("megatron.core.transformer.attention", "SelfAttention"): _ALL,
     ("megatron.core.transformer.attention", "SelfAttention.get_query_key_value_tensors"): _ALL,
+    ("megatron.core.transformer.attention", "Attention.forward"): _ALL,
     ("megatron.core.transformer.module", "Float16Module"): _ALL,
     ("megatron.core.transformer.transformer_config", "TransformerConfig"): _ALL,
     ("megatron.core.transformer.utils", "make_sharded_tensors_for_checkpoint"): _ALL,
@@ -216,6 +220,10 @@ MCORE_NAMES_BY_RELEASE: Dict[Tuple[str, str], str] = {
     ("megatron.core.distributed", "DistributedDataParallelConfig"): _ALL,
     ("megatron.core.distributed.finalize_model_grads", "finalize_model_grads"): _ALL,
     ("megatron.core.dist_checkpointing.strategies", "filesystem_async"): _ALL,
+    # module-private: training/checkpoint.py gives the async writer its result queue when it has none
+    ("megatron.core.dist_checkpointing.strategies.filesystem_async", "_results_queue"): _ALL,
+    # private: training/metrics.py reads a parameter's shard range in the distributed optimizer
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._get_model_param_range_map"): _ALL,
     ("megatron.core.dist_checkpointing.mapping", "ShardedObject"): _ALL,
     ("megatron.core.dist_checkpointing.mapping", "ShardedTensor"): _ALL,
     ("megatron.core.dist_checkpointing.mapping", "apply_factories"): _ALL,
@@ -242,11 +250,14 @@ MCORE_NAMES_BY_RELEASE: Dict[Tuple[str, str], str] = {
     (f"{_MOE}.router", "TopKRouter._apply_global_aux_loss"): _ALL,
     (f"{_MOE}.router", "TopKRouter._apply_expert_bias"): _ALL,
     (f"{_MOE}.experts", "SequentialMLP"): _ALL,
+    (f"{_MOE}.experts", "SequentialMLP.forward"): _ALL,
     (f"{_MOE}.experts", "TEGroupedMLP"): _ALL,
+    (f"{_MOE}.experts", "TEGroupedMLP.forward"): _ALL,
     (f"{_MOE}.experts", "TEGroupedMLP._apply_bias"): _ALL,
     ("megatron.core.transformer.mlp", "MLPSubmodules"): _ALL,
     (f"{_MOE}.experts", "GroupedMLPSubmodules"): ">=0.17",
     (f"{_MOE}.experts", "GroupedMLP"): _LEGACY,
+    (f"{_MOE}.experts", "GroupedMLP.forward"): _LEGACY,
     (_MOE, "grouped_gemm_util"): _LEGACY,
     (f"{_MOE}.grouped_gemm_util", "grouped_gemm_is_available"): _LEGACY,
     (f"{_MOE}.grouped_gemm_util", "ops"): _LEGACY,

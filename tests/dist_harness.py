@@ -292,12 +292,14 @@ def default_spec_fn(config):
     """mcore's local (no-TE) GPT layer spec for ``config``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from megatron_ce import compat
+
     return get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm,
-        moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
         normalization=config.normalization,
+        **compat.legacy_grouped_gemm_kwargs(compat.uses_legacy_grouped_gemm(config)),
     )
 
 

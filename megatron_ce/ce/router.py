@@ -6,6 +6,7 @@ selected experts, keep the first k_m as *main* experts with their original weigh
 remaining k_a into a per-token auxiliary selection (indices + weights renormalised to sum 1).
 """
 
+import copy
 from typing import Optional, Tuple
 
 import torch
@@ -19,7 +20,18 @@ class CERouterMixin:
     """Split of a full top-k routing into main and auxiliary experts (docs/METHOD.md §1.1-3).
 
     Routers with their own pick order (e.g. Phi-MoE's sparsemixer) override `rank_selected`.
+
+    With CE on and --moe-expert-capacity-factor set, the router keeps its own copy of the config without
+    the capacity factor (the parent drops tokens per call when it reads one), and `route_ce` drops on
+    the main selections with `ce_capacity_factor`. The model's shared config is never changed.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ce_capacity_factor = self.config.moe_expert_capacity_factor if self.ce_num_compressed else None
+        if self.ce_capacity_factor is not None:
+            self.config = copy.copy(self.config)
+            self.config.moe_expert_capacity_factor = None
 
     @property
     def ce_num_compressed(self) -> int:
@@ -77,17 +89,12 @@ class CERouterMixin:
 
         With --moe-expert-capacity-factor, tokens are dropped (and padded) on the main selections only,
         after the split: compressed experts cost no expert capacity, and a dropped aux selection would
-        change the token's compressed experts. The parent's own dropping on the full top-k is skipped."""
-        cfg = self.config
-        capacity_factor = cfg.moe_expert_capacity_factor
+        change the token's compressed experts. The parent's own dropping on the full top-k is off (this
+        router's config copy has no capacity factor, see the class docstring)."""
+        cfg, capacity_factor = self.config, self.ce_capacity_factor
+        main_probs, main_map, aux_idx, aux_w = self.split_main_aux(*self(hidden_states, padding_mask))
         if capacity_factor is None:
-            return self.split_main_aux(*self(hidden_states, padding_mask))
-        cfg.moe_expert_capacity_factor = None  # the parent reads it per call; restored below
-        try:
-            probs, routing_map = self(hidden_states, padding_mask)
-        finally:
-            cfg.moe_expert_capacity_factor = capacity_factor
-        main_probs, main_map, aux_idx, aux_w = self.split_main_aux(probs, routing_map)
+            return main_probs, main_map, aux_idx, aux_w
         main_probs, main_map = apply_router_token_dropping(
             main_probs, main_map, router_topk=dispatch_topk(cfg), capacity_factor=capacity_factor,
             drop_policy=cfg.moe_token_drop_policy, pad_to_capacity=cfg.moe_pad_expert_input_to_capacity)
@@ -97,5 +104,6 @@ class CERouterMixin:
 class CETopKRouter(CERouterMixin, TopKRouter):
     """TopKRouter whose selection is split into main + compressed experts by `route_ce`.
 
-    Called as a plain router (`forward`) it behaves exactly like TopKRouter.
+    Called as a plain router (`forward`) it behaves exactly like TopKRouter, except that with CE on it
+    leaves capacity dropping to `route_ce`.
     """

@@ -11,6 +11,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ce import compat
+from megatron_ce.ce.config import ConfigError
 from megatron_ce.ce.experts import CE_EXPERTS, CEExpertsMixin, torch_grouped_experts_spec
 from megatron_ce.ce.layer import CEMoELayer
 from megatron_ce.ce.router import CERouterMixin, CETopKRouter
@@ -36,17 +37,29 @@ def _ce_moe_spec(moe):
 
 
 def to_ce_layer_spec(spec):
-    """CE version of a TransformerLayer spec, or of a block spec (its `layer_specs`)."""
+    """CE version of a TransformerLayer spec, or of a block spec (its `layer_specs`). Dense layers of a
+    block with MoE layers stay as they are; a spec without any MoE layer is refused (CE would
+    silently do nothing)."""
+    ce_spec, num_moe = _to_ce(spec)
+    if num_moe == 0:
+        raise ConfigError("CE needs MoE layers, and the layer spec has none (--num-experts not set?)")
+    return ce_spec
+
+
+def _to_ce(spec):
+    """(CE version of spec, how many MoE layers it has)."""
     spec = copy.copy(spec)
     if hasattr(spec, "layer_specs"):  # TransformerBlockSubmodules
-        spec.layer_specs = [to_ce_layer_spec(s) for s in spec.layer_specs]
-        return spec
+        converted = [_to_ce(s) for s in spec.layer_specs]
+        spec.layer_specs = [s for s, _ in converted]
+        return spec, sum(n for _, n in converted)
     sub = copy.copy(spec.submodules)
     mlp = getattr(sub, "mlp", None)
-    if _is_moe(mlp):
-        sub.mlp = _ce_moe_spec(mlp)
+    if not _is_moe(mlp):
+        return spec, 0
+    sub.mlp = _ce_moe_spec(mlp)
     spec.submodules = sub
-    return spec
+    return spec, 1
 
 
 # mcore's local spec renames the pre-MLP norm's dist-checkpoint keys to where the TE spec keeps that
@@ -83,20 +96,23 @@ def _is_moe(mlp) -> bool:
 
 
 def get_gpt_ce_layer_local_spec(**kwargs) -> ModuleSpec:
-    """megatron-core's `get_gpt_layer_local_spec(**kwargs)` with CE MoE layers and the TE spec's
-    dist-checkpoint keys (`with_te_checkpoint_keys`)."""
+    """megatron-core's `get_gpt_layer_local_spec(**kwargs)` with CE MoE layers (when num_experts is set)
+    and the TE spec's dist-checkpoint keys (`with_te_checkpoint_keys`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return to_ce_layer_spec(with_te_checkpoint_keys(get_gpt_layer_local_spec(**kwargs)))
+    spec = with_te_checkpoint_keys(get_gpt_layer_local_spec(**kwargs))
+    return to_ce_layer_spec(spec) if kwargs.get("num_experts") else spec  # dense: nothing to convert
 
 
 def get_gpt_ce_layer_te_spec(**kwargs) -> ModuleSpec:
-    """megatron-core's Transformer-Engine GPT layer spec with CE MoE layers (needs TE)."""
+    """megatron-core's Transformer-Engine GPT layer spec with CE MoE layers when num_experts is set
+    (needs TE)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    return to_ce_layer_spec(get_gpt_layer_with_transformer_engine_spec(**kwargs))
+    spec = get_gpt_layer_with_transformer_engine_spec(**kwargs)
+    return to_ce_layer_spec(spec) if kwargs.get("num_experts") else spec  # dense: nothing to convert
 
 
 def build_ce_moe_layer(config, grouped_gemm: bool = False, pg_collection=None, torch_grouped: bool = False,

@@ -2,6 +2,7 @@
 
 import torch
 
+from megatron_ce import compat
 from megatron_ce.ce import CEMoELayer, get_gpt_ce_layer_local_spec
 
 
@@ -24,8 +25,9 @@ def ce_spec(config):
     spec = get_gpt_ce_layer_local_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=config.moe_grouped_gemm,
-        moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
         normalization=config.normalization,
+        **compat.legacy_grouped_gemm_kwargs(compat.uses_legacy_grouped_gemm(config)),
     )
-    spec.submodules.mlp.module = RandomThetaCEMoELayer
+    # The MoE spec is a ModuleSpec (0.16) or a functools.partial (0.18+): replace_spec keeps the kind.
+    spec.submodules.mlp = compat.replace_spec(spec.submodules.mlp, module=RandomThetaCEMoELayer)
     return spec

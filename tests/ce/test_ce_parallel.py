@@ -6,6 +6,7 @@ forward/backward schedule. Tolerance: the harness's relative bound (tests/dist_h
 import pytest
 import torch.nn.functional as F
 
+from megatron_ce import compat
 from tests.ce.parallel_specs import ce_spec
 from tests.dist_harness import check_layout_equivalence, run_distributed
 
@@ -18,6 +19,7 @@ CE = dict(
     moe_ce_variant="ia3",
 )
 HIDDEN = {**CE, "moe_ce_variant": "hidden"}
+LEGACY_ONLY = f"legacy GroupedMLP: megatron-core <0.17 only, found {compat.MCORE_VERSION_STR}"
 
 
 def _check(tmp_path, layout, config):
@@ -67,8 +69,11 @@ def test_ce_capacity_padded_ep2_alltoall(tmp_path):
         (dict(tp=2, pp=2, ep=2, etp=1, dispatcher="alltoall"), CE),
         (dict(tp=2, dispatcher="allgather"), HIDDEN),
         (dict(pp=2, ep=2, dispatcher="allgather"), HIDDEN),
-        (dict(ep=2, dispatcher="alltoall"), {**CE, "moe_grouped_gemm": True,
-                                             "moe_use_legacy_grouped_gemm": True}),
+        # Grouped CE on 0.17+ runs on TorchGroupedLinear, which has no dist-checkpoint mapping for this
+        # comparison: test_rank_with_zero_tokens_does_not_crash covers it at EP=2.
+        pytest.param(dict(ep=2, dispatcher="alltoall"), {**CE, "moe_grouped_gemm": True,
+                                                         "moe_use_legacy_grouped_gemm": True},
+                     marks=pytest.mark.skipif(not compat.HAS_LEGACY_GROUPED_MLP, reason=LEGACY_ONLY)),
     ],
     ids=["tp2-ep2-a2a", "tp2-pp2-ep2-a2a", "tp2-hidden", "pp2-ep2-hidden", "ep2-grouped"],
 )

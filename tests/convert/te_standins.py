@@ -82,7 +82,8 @@ class _GroupedLinear(_TEModule):
     mcore's TEGroupedLinear sets and its checkpoint methods read."""
 
     def __init__(self, num_gemms, input_size, output_size, *, parallel_mode, config, init_method=None, bias,
-                 skip_bias_add=False, is_expert=True, tp_comm_buffer_name=None, pg_collection=None):
+                 skip_bias_add=False, is_expert=True, tp_comm_buffer_name=None, pg_collection=None, **_):
+        # **_: what newer wrappers pass on (name, megatron-core 0.18); no effect on parameters or keys
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         super().__init__()
@@ -103,9 +104,10 @@ class _GroupedLinear(_TEModule):
 
 
 class TENormStandIn:
-    """TENorm: te.pytorch.LayerNorm (weight, bias) or RMSNorm (weight), by config.normalization."""
+    """TENorm: te.pytorch.LayerNorm (weight, bias) or RMSNorm (weight), by config.normalization.
+    has_residual (megatron-core 0.19: the residual-fused RMSNorm) leaves the parameters as they are."""
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5):
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, has_residual: bool = False):
         norm = _TEModule()
         norm.weight = Parameter(torch.empty(hidden_size, dtype=config.params_dtype))
         if config.normalization == "LayerNorm":

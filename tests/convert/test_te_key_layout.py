@@ -18,16 +18,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_ce import compat
 from megatron_ce.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_ce.convert.dist_io import DistCheckpointReader, model_layout
 from megatron_ce.convert.engine import META_NAME, build_layout_model, world1_parallel_state
-from megatron_ce.convert.families import get_family
+from megatron_ce.models.registry import get_family
 from megatron_ce.convert.keys import legacy_key, read_legacy_keys
 from tests.convert.te_standins import use_te_standins
-from tests.models import olmoe_utils, phimoe_utils
+from tests.models import families
 
-CONFIGS = {"olmoe": olmoe_utils.tiny_olmoe_config, "phimoe": phimoe_utils.tiny_phimoe_config}
-MAKE_HF = {"olmoe": olmoe_utils.make_hf_model, "phimoe": phimoe_utils.make_hf_model}
+CONFIGS = {"olmoe": families.tiny_olmoe_config, "phimoe": families.tiny_phimoe_config}
+MAKE_HF = {"olmoe": families.make_hf_model, "phimoe": families.make_hf_model}
 WORLD1 = dict(
     perform_initialization=False,
     use_cpu_initialization=True,
@@ -41,8 +42,9 @@ WORLD1 = dict(
 EXPERTS = {
     "te_sequential": (True, dict(moe_grouped_gemm=False)),  # SequentialMLP of TE linears
     "te_grouped": (True, dict(moe_grouped_gemm=True)),  # TEGroupedMLP (weight0..weight{E-1})
-    "local_grouped": (False, dict(moe_grouped_gemm=True, moe_use_legacy_grouped_gemm=True)),  # GroupedMLP
 }
+if compat.HAS_LEGACY_GROUPED_MLP:  # the legacy GroupedMLP: megatron-core <0.17 only
+    EXPERTS["local_grouped"] = (False, dict(moe_grouped_gemm=True, moe_use_legacy_grouped_gemm=True))
 
 
 @pytest.fixture
@@ -102,7 +104,7 @@ def test_flag_built_specs_share_keys(te, normalization, num_experts):
     with world1_parallel_state(), torch.device("meta"):
         config = CETransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=4, ffn_hidden_size=24,
                                      normalization=normalization, gated_linear_unit=True, activation_func=F.silu,
-                                     add_bias_linear=True,
+                                     add_bias_linear=True, qk_layernorm=True,  # as the specs (0.19 checks)
                                      moe_ce_num_compressed=1 if num_experts else 0, **moe, **WORLD1)
         kw = dict(num_experts=num_experts, qk_layernorm=True)
         specs = {"local": get_gpt_ce_layer_local_spec(normalization=normalization, **kw),
@@ -183,7 +185,7 @@ def test_hf_to_te_model_and_back(te, tmp_path, caplog, family, k_a, experts):
 
     hf_cfg = CONFIGS[family]()
     MAKE_HF[family](hf_cfg).save_pretrained(tmp_path / "hf")
-    hf = olmoe_utils.load_safetensors_dir(tmp_path / "hf")
+    hf = families.load_safetensors_dir(tmp_path / "hf")
     with caplog.at_level(logging.WARNING):
         ckpt = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "mc", moe_ce_num_compressed=k_a, progress=False)
     assert not [r for r in caplog.records if "Unknown MLP type" in r.getMessage()]
@@ -206,7 +208,7 @@ def test_hf_to_te_model_and_back(te, tmp_path, caplog, family, k_a, experts):
     with caplog.at_level(logging.WARNING):
         convert_megatron_to_hf(te_ckpt, tmp_path / "back", progress=False)
     assert not [r for r in caplog.records if "Unknown MLP type" in r.getMessage()]
-    back = olmoe_utils.load_safetensors_dir(tmp_path / "back")
+    back = families.load_safetensors_dir(tmp_path / "back")
     bad = [k for k in hf if k not in back or not torch.equal(hf[k], back[k])]
     assert not bad, bad
     extra = set(back) - set(hf)  # the CE tables (created as ones)
@@ -232,7 +234,7 @@ def test_checkpoint_with_pre_fix_keys_loads_and_exports(te, tmp_path, monkeypatc
 
     hf_cfg = CONFIGS[family]()
     MAKE_HF[family](hf_cfg).save_pretrained(tmp_path / "hf")
-    hf = olmoe_utils.load_safetensors_dir(tmp_path / "hf")
+    hf = families.load_safetensors_dir(tmp_path / "hf")
     with monkeypatch.context() as m:  # the converter as it was: mcore's local keys map unchanged
         m.setattr(spec_mod, "with_te_checkpoint_keys", lambda spec: spec)
         ckpt = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "old", progress=False)
@@ -241,7 +243,7 @@ def test_checkpoint_with_pre_fix_keys_loads_and_exports(te, tmp_path, monkeypatc
     assert "decoder.layers.pre_mlp_layernorm.weight" not in old_keys
 
     convert_megatron_to_hf(tmp_path / "old", tmp_path / "back", progress=False)
-    back = olmoe_utils.load_safetensors_dir(tmp_path / "back")
+    back = families.load_safetensors_dir(tmp_path / "back")
     assert sorted(back) == sorted(hf) and all(torch.equal(hf[k], back[k]) for k in hf)
 
     from megatron.core import dist_checkpointing
@@ -272,7 +274,7 @@ def test_trainer_loader_reads_te_grouped_and_pre_fix_checkpoints(te, tmp_path, m
 
     family = "phimoe"
     MAKE_HF[family](CONFIGS[family]()).save_pretrained(tmp_path / "hf")
-    hf = olmoe_utils.load_safetensors_dir(tmp_path / "hf")
+    hf = families.load_safetensors_dir(tmp_path / "hf")
     with monkeypatch.context() as m:
         if old_keys:  # the converter as it was
             m.setattr(spec_mod, "with_te_checkpoint_keys", lambda spec: spec)

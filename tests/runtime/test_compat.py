@@ -162,11 +162,11 @@ def test_ce_models_have_only_ce_moe_layers(world1, family):
 
     if family == "olmoe":
         from megatron_ce.models.olmoe import build_olmoe_model as build
-        from tests.models.olmoe_utils import tiny_olmoe_config as tiny
+        from tests.models.families import tiny_olmoe_config as tiny
     else:
         from megatron_ce.models.phimoe import SparseMixerRouter
         from megatron_ce.models.phimoe import build_phimoe_model as build
-        from tests.models.phimoe_utils import tiny_phimoe_config as tiny
+        from tests.models.families import tiny_phimoe_config as tiny
     model = build(tiny().to_dict(), moe_ce_num_compressed=1)
     moe = [m for m in model.modules() if isinstance(m, MoELayer)]
     assert len(moe) == 2 and all(isinstance(m, CEMoELayer) and m.ce is not None for m in moe)

@@ -199,7 +199,7 @@ def test_grouped_gemm_fallback_installed():
     from megatron_ce import compat
 
     if not compat.HAS_LEGACY_GROUPED_MLP:
-        pytest.skip("no legacy GroupedMLP / grouped_gemm_util in megatron-core >=0.17")
+        pytest.skip(f"legacy GroupedMLP / grouped_gemm_util: megatron-core <0.17 only, found {compat.MCORE_VERSION_STR}")
     apply_cpu_shims()
     from megatron.core.transformer.moe import grouped_gemm_util as gg
 
