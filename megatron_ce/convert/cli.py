@@ -8,9 +8,12 @@ def quiet_environment_warnings() -> None:
     """megatron-core warns on import that Apex / Transformer Engine are absent, and about its own
     default cuda_graph_scope: conversion runs no kernels, so these only bury the result (or the one-line
     error) on stderr."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    # torch >= 2.14 (the CUDA build used on Python 3.12 here) logs "No CUDA runtime is found" at import
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 

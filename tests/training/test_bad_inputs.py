@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from megatron_ce import compat
+
 from tests.training.conftest import REPO, TINY, _env, run_train
 
 pytestmark = pytest.mark.timeout(300)
@@ -57,13 +59,14 @@ def _first(d, pattern):
 CASES = {
     "missing data file": (lambda d: _first(d, "*.distcp").unlink(), ["__0_0.distcp", "missing"]),
     "truncated data file": (lambda d: _truncate(_first(d, "*.distcp")), ["__0_0.distcp", "truncated"]),
-    "missing common.pt": (lambda d: (d / "common.pt").unlink(), ["common.pt", "missing"]),
     "missing rank file": (lambda d: (d / "rank_00000.pt").unlink(), ["rank_00000.pt", "missing"]),
     "truncated rank file": (lambda d: _truncate(d / "rank_00000.pt"), ["rank_00000.pt", "unreadable"]),
     "bad train state": (lambda d: (d / "train_state.json").write_text("{\"iter"), ["train_state.json",
                                                                                    "not a training state"]),
     "tracker names a missing folder": (lambda d: shutil.rmtree(d), [IT, "not a complete checkpoint"]),
 }
+if "common.pt" in compat.DIST_CKPT_EXTRA_FILES:  # megatron-core 0.19 writes none
+    CASES["missing common.pt"] = (lambda d: (d / "common.pt").unlink(), ["common.pt", "missing"])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
