@@ -3,7 +3,9 @@
 #
 #   lane 3.11: this Python with torch 2.13.0 (the local CPU build) and megatron-core 0.16.1, full suite
 #   lane 3.12: Python 3.12 (pyenv or PATH) in a cached venv with torch 2.14.1 (a CUDA build from the
-#              registry that runs on the CPU) and megatron-core 0.19.x, full suite
+#              registry that runs on the CPU) and megatron-core 0.19.x: the suite except the two-node
+#              loopback launches (tests/training/test_multinode.py: torchrun/rendezvous plumbing that
+#              does not change with megatron-core, and the slowest file), to keep the lane short
 #
 # LANES="3.11 3.12" (default) picks lanes; extra arguments go to pytest. The 3.12 venv is kept in
 # MEGATRON_CE_VENV312 (default ~/.cache/megatron-ce/venv-py312-torch2.14.1) and reused while its torch
@@ -39,7 +41,7 @@ lane_312() {
         touch "$VENV312/.torch-$TORCH312"
     fi
     "$VENV312/bin/pip" install -q -e ".[test]"
-    "$VENV312/bin/python" -m pytest tests -q "$@"
+    "$VENV312/bin/python" -m pytest tests -q --ignore=tests/training/test_multinode.py "$@"
 }
 
 for lane in $LANES; do
