@@ -7,27 +7,33 @@
 #              loopback launches (tests/training/test_multinode.py: torchrun/rendezvous plumbing that
 #              does not change with megatron-core, and the slowest file), to keep the lane short
 #
-# LANES="3.11 3.12" (default) picks lanes; extra arguments go to pytest. The 3.12 venv is kept in
+# LANES="3.11 3.12" (default) picks lanes; arguments replace the default pytest arguments (`tests -q`),
+# e.g. `LANES=3.12 bash tools/run_tests.sh -q -x tests/ce`. The 3.12 venv is kept in
 # MEGATRON_CE_VENV312 (default ~/.cache/megatron-ce/venv-py312-torch2.14.1) and reused while its torch
 # pin matches, so only the first run pays the download; each run re-installs this checkout into it
 # (editable, no dependency changes unless setup.py's changed). Each lane prints its wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LANES="${LANES:-3.11 3.12}"
+if [[ $# -eq 0 ]]; then set -- tests -q; fi
 TORCH312="2.14.1"
 VENV312="${MEGATRON_CE_VENV312:-${XDG_CACHE_HOME:-$HOME/.cache}/megatron-ce/venv-py312-torch${TORCH312}}"
 
 find_python312() {
+    # A pyenv shim answers `command -v` even when 3.12 is not the active version, so each candidate must
+    # actually run and be 3.12; pyenv's own install folders come first.
     local p
-    for p in "$(command -v python3.12 || true)" "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.12*/bin/python3.12; do
-        if [[ -n "$p" && -x "$p" ]]; then echo "$p"; return 0; fi
+    for p in "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.12*/bin/python3.12 "$(command -v python3.12 || true)"; do
+        if [[ -n "$p" && -x "$p" ]] && "$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+            echo "$p"; return 0
+        fi
     done
     echo "run_tests.sh: lane 3.12 needs a Python 3.12 interpreter (pyenv install 3.12, or LANES=3.11)" >&2
     return 1
 }
 
 lane_311() {
-    pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest tests -q "$@"
+    pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest "$@"
 }
 
 lane_312() {
@@ -41,7 +47,7 @@ lane_312() {
         touch "$VENV312/.torch-$TORCH312"
     fi
     "$VENV312/bin/pip" install -q -e ".[test]"
-    "$VENV312/bin/python" -m pytest tests -q --ignore=tests/training/test_multinode.py "$@"
+    "$VENV312/bin/python" -m pytest --ignore=tests/training/test_multinode.py "$@"
 }
 
 for lane in $LANES; do
