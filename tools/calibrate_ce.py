@@ -98,7 +98,7 @@ def rank_data(args, tokenizer):
 
 def run(args):
     from megatron_ce.calibrate import calibrate_ce_model
-    from megatron_ce.calibrate.dist import is_rank0
+    from megatron_ce.runtime.parallel import is_rank0
     from megatron_ce.calibrate.save import check_save_dir, output_record, save_calibrated
     from megatron_ce.data.dataset import load_tokenizer
 
@@ -118,7 +118,7 @@ def run(args):
                        layers=sorted(args.calib_layer_set) if args.calib_layer_set is not None else "all",
                        error_data=summary["error_data"], per_layer=summary["layers"],
                        heldout_loss=summary["heldout_loss"])
-    out = save_calibrated(model, args.save, args.load, output_record(record, args.load, ckpt, calibration), calibration)
+    out = save_calibrated(model, args.save, args.load, ckpt, output_record(record, args.load, ckpt, calibration), calibration)
     if is_rank0():
         print(f"calibrated checkpoint written to {out}", flush=True)
     if writer is not None:

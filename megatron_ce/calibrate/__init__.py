@@ -11,7 +11,7 @@ targets), `fit` (the per-layer fit), `metrics` and `report` (errors, similarity,
 """
 
 from megatron_ce.calibrate.api import calibrate_ce_model, calibrate_layer
-from megatron_ce.calibrate.modes import CalibrationError, ce_layers, full_topk, theta_ones
+from megatron_ce.calibrate.modes import CalibrationError, ce_layers, theta_ones
 from megatron_ce.calibrate.report import CalibrationResult, LayerRecord
 
 __all__ = [
@@ -21,6 +21,5 @@ __all__ = [
     "CalibrationResult",
     "LayerRecord",
     "ce_layers",
-    "full_topk",
     "theta_ones",
 ]

@@ -13,7 +13,7 @@ from typing import Iterable, List, Optional, Set
 import torch
 
 from megatron_ce.calibrate.capture import capture_inputs
-from megatron_ce.calibrate.dist import check_layout, check_same_count, is_rank0
+from megatron_ce.calibrate.dist import check_layout, check_same_count
 from megatron_ce.calibrate.fit import fit_layer
 from megatron_ce.calibrate.metrics import expert_similarity, lm_loss, relative_error
 from megatron_ce.calibrate.modes import (
@@ -26,6 +26,7 @@ from megatron_ce.calibrate.modes import (
     unwrap,
 )
 from megatron_ce.calibrate.report import CalibrationResult, LayerRecord, log_layer, log_losses
+from megatron_ce.runtime.parallel import is_rank0
 
 
 def calibrate_ce_model(model, batches: Iterable, *, layers: Optional[Set[int]] = None, steps: int = 200,

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterable, List
 
 import torch
 
-from megatron_ce.calibrate.modes import CalibrationError, full_topk
+from megatron_ce.calibrate.modes import CalibrationError
 
 
 @dataclass
@@ -63,7 +63,7 @@ def capture_inputs(model, layer, batches: Iterable[Dict[str, torch.Tensor]]) -> 
 
 def full_topk_output(layer, x: torch.Tensor, kwargs: Dict[str, Any]) -> torch.Tensor:
     """The layer's output with its full top-k routing: the calibration target."""
-    with torch.no_grad(), full_topk(layer):
+    with torch.no_grad(), layer.full_topk():
         return layer_output(layer, x, kwargs).detach()
 
 

@@ -73,5 +73,3 @@ def check_same_count(n: int, what: str) -> None:
                                "the same number")
 
 
-def is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -1,11 +1,8 @@
 """How one CE MoE layer runs during calibration: its full top-k (the target) or top-k_m + CE.
 
-`full_topk(layer)` runs a CE layer through megatron-core's own MoELayer path with all k selected
-experts as main experts: the CE layer falls back to its parent's route/preprocess/expert calls when it
-has no tables (`layer.ce is None`, the k_a = 0 path, identical to MoELayer by docs/METHOD.md §1.7), and
-its token dispatcher -- which owns a private config copy sized for the k_m dispatched selections
-(CEMoELayer._dispatch_main_only) -- is given back the full top-k for the duration. The shared
-TransformerConfig is never touched, so other layers and other models built from it are unaffected.
+The full top-k is `CEMoELayer.full_topk()` (megatron-core's own MoELayer path with all k selected experts
+as main experts; the shared TransformerConfig is never touched, so other layers and models built from it
+are unaffected).
 """
 
 import contextlib
@@ -48,31 +45,10 @@ def ce_tables(layer: CEMoELayer) -> List[torch.nn.Parameter]:
 
 
 @contextlib.contextmanager
-def full_topk(layer: CEMoELayer) -> Iterator[None]:
-    """Run `layer` as the unmodified top-k MoE layer (all k experts main, no compressed experts)."""
-    ce, td = layer.ce, layer.token_dispatcher
-    k = layer.config.moe_router_topk
-    saved_cfg_k = td.config.moe_router_topk
-    has_router_topk = hasattr(td, "router_topk")
-    saved_td_k = td.router_topk if has_router_topk else None
-    layer.ce = None
-    td.config.moe_router_topk = k
-    if has_router_topk:
-        td.router_topk = k
-    try:
-        yield
-    finally:
-        layer.ce = ce
-        td.config.moe_router_topk = saved_cfg_k
-        if has_router_topk:
-            td.router_topk = saved_td_k
-
-
-@contextlib.contextmanager
 def all_full_topk(layers) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for layer in layers:
-            stack.enter_context(full_topk(layer))
+            stack.enter_context(layer.full_topk())
         yield
 
 

@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from megatron_ce.calibrate.dist import is_rank0
+from megatron_ce.runtime.parallel import is_rank0
 
 LOSS_LABELS = {
     "topk": "full top-k",

@@ -6,7 +6,6 @@ import os
 import shutil
 from typing import Any, Dict, Optional
 
-import torch.distributed as dist
 
 from megatron_ce.checkpoint_format import (
     HF_FILES_DIR,
@@ -18,15 +17,10 @@ from megatron_ce.checkpoint_format import (
     find_record,
     write_tracker,
 )
-from megatron_ce.calibrate.dist import is_rank0
 from megatron_ce.calibrate.modes import CalibrationError
+from megatron_ce.runtime.parallel import barrier, is_rank0
 
 CALIBRATION_JSON = "calibration.json"  # the record of a model without megatron_ce.json (shape flags)
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def check_save_dir(save: str) -> None:
@@ -50,25 +44,27 @@ def output_record(model_record: Optional[Dict[str, Any]], load_root: str, load_c
     return record
 
 
-def save_calibrated(model, save: str, load_root: str, record: Optional[ModelRecord],
+def save_calibrated(model, save: str, load_root: str, load_ckpt: str, record: Optional[ModelRecord],
                     calibration: Dict[str, Any]) -> str:
-    """Write the checkpoint (all ranks call this); returns its dist checkpoint folder."""
+    """Write the checkpoint (all ranks call this); returns its dist checkpoint folder. load_root is the
+    --load folder, load_ckpt the checkpoint folder inside it that was loaded (its tokenizer / HF files
+    are copied too)."""
     from megatron.core import dist_checkpointing
 
     ckpt = os.path.join(save, RELEASE)
     if is_rank0():
         os.makedirs(ckpt, exist_ok=True)
-    _barrier()
+    barrier()
     dist_checkpointing.save(model.sharded_state_dict(), ckpt)
-    _barrier()
+    barrier()
     if is_rank0():
-        _write_side_files(save, ckpt, load_root, record, calibration)
+        _write_side_files(save, ckpt, load_root, load_ckpt, record, calibration)
         write_tracker(save, RELEASE)  # last: the checkpoint is complete once the tracker names it
-    _barrier()
+    barrier()
     return ckpt
 
 
-def _write_side_files(save, ckpt, load_root, record, calibration):
+def _write_side_files(save, ckpt, load_root, load_ckpt, record, calibration):
     import json
 
     if record is not None:
@@ -77,19 +73,10 @@ def _write_side_files(save, ckpt, load_root, record, calibration):
         with open(os.path.join(ckpt, CALIBRATION_JSON), "w", encoding="utf-8") as f:
             json.dump(calibration, f, indent=2)
     for name in (TOKENIZER_DIR, HF_FILES_DIR):
-        for src_dir, dst_dir in ((load_root, save), (_load_ckpt_dir(load_root), ckpt)):
+        for src_dir, dst_dir in ((load_root, save), (load_ckpt, ckpt)):
             src = os.path.join(src_dir, name) if src_dir else None
             if src and os.path.isdir(src) and not os.path.exists(os.path.join(dst_dir, name)):
                 shutil.copytree(src, os.path.join(dst_dir, name))
-
-
-def _load_ckpt_dir(load_root: str) -> Optional[str]:
-    from megatron_ce.checkpoint_format import read_tracker
-
-    try:
-        return read_tracker(load_root)
-    except ValueError:
-        return None
 
 
 __all__ = ["check_save_dir", "output_record", "save_calibrated", "META_NAME"]

@@ -13,8 +13,9 @@ megatron-core also sums them over tensor-parallel ranks (each TP rank sees only 
 slice of theta_down).
 """
 
+import contextlib
 import copy
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -105,11 +106,9 @@ class CEMoELayer(MoELayer):
         """The dispatcher sizes its buffers (output token count, expert capacity when padding) from the
         top-k; only the main selections are dispatched, so it gets a config view with that count."""
 
-        td, k = self.token_dispatcher, dispatch_topk(self.config)
-        td.config = copy.copy(td.config)
-        td.config.moe_router_topk = k
-        if hasattr(td, "router_topk"):
-            td.router_topk = k
+        td = self.token_dispatcher
+        td.config = copy.copy(td.config)  # private: the shared TransformerConfig keeps the full top-k
+        self._set_dispatch_topk(dispatch_topk(self.config))
         if getattr(self.config, "moe_ce_split", "fixed") == "mass" and hasattr(td, "preprocess"):
             # Under the mass split tokens have 1..k main experts: the dispatcher's dropless
             # num_out_tokens (tokens * k) is then too large, and megatron-core >= 0.17 permutes that
@@ -123,6 +122,28 @@ class CEMoELayer(MoELayer):
                 return out
 
             td.preprocess = exact_preprocess
+
+    def _set_dispatch_topk(self, k: int) -> None:
+        td = self.token_dispatcher
+        td.config.moe_router_topk = k
+        if hasattr(td, "router_topk"):
+            td.router_topk = k
+
+    @contextlib.contextmanager
+    def full_topk(self) -> Iterator[None]:
+        """Run as megatron-core's own top-k MoELayer for the duration: all k selected experts main, no
+        compressed experts (self.ce is None takes the parent's route/preprocess/expert calls, identical
+        to MoELayer by docs/METHOD.md §1.7) and the dispatcher sized for k again. Calibration's target."""
+        ce, saved_k = self.ce, self.token_dispatcher.config.moe_router_topk
+        self.ce = None
+        if ce is not None:  # otherwise the dispatcher still reads the shared config, already at k
+            self._set_dispatch_topk(self.config.moe_router_topk)
+        try:
+            yield
+        finally:
+            self.ce = ce
+            if ce is not None:
+                self._set_dispatch_topk(saved_k)
 
     @staticmethod
     def _default_pgs():

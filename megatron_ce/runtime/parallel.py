@@ -97,3 +97,26 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# One home for "which rank am I / wait for everyone": the trainer's checkpoints and the calibration tool
+# both run with and without a process group (single-process tools and tests have none).
+
+
+def _dist_up() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def global_rank() -> int:
+    """This process's global rank; 0 without a process group."""
+    return torch.distributed.get_rank() if _dist_up() else 0
+
+
+def is_rank0() -> bool:
+    return global_rank() == 0
+
+
+def barrier() -> None:
+    """torch.distributed.barrier() when a process group exists; nothing otherwise."""
+    if _dist_up():
+        torch.distributed.barrier()

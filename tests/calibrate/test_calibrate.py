@@ -7,7 +7,7 @@ inputs the calibrated model gives it (tests/calibrate/utils.py)."""
 import pytest
 import torch
 
-from megatron_ce.calibrate import CalibrationError, calibrate_ce_model, ce_layers, full_topk, theta_ones
+from megatron_ce.calibrate import CalibrationError, calibrate_ce_model, ce_layers, theta_ones
 from tests.calibrate.utils import (
     batches,
     build,
@@ -40,7 +40,7 @@ def test_full_topk_mode_is_megatron_moe_layer():
     ref = reference_model(model, cfg)
     layer = ce_layers(model)[0]
     for x, y_ce in moe_io(model, 0, batches(3, n=1)):
-        with torch.no_grad(), full_topk(layer):
+        with torch.no_grad(), layer.full_topk():
             y_full = layer(x)[0]
         y_ref = ref.decoder.layers[0].mlp(x)[0]
         torch.testing.assert_close(y_full, y_ref, rtol=1e-5, atol=1e-6)
