@@ -54,6 +54,10 @@ class Presets:
     launch: Dict[str, Any]  # HF config fields launch/plan.py reads, plus its `qk_norm` (bool)
     bench_shape: Dict[str, int]  # tools/bench_moe_layer.py: hidden d, expert ffn, n experts, top-k
     smoke_shape: Dict[str, int]  # the same code path at a CPU-second size (--smoke)
+    experts_field: str = "num_experts"  # the HF config key holding the number of experts
+    # What the paper states for the released model (arXiv 2503.00634): router topk, k_a, active
+    # parameters base / CE, reduction %, its non-MoE approximation, latency_s (top-k, top-k/2, top-k/2+CE)
+    paper_figures: Dict[str, Any] = field(default_factory=dict)
 
 
 def moe_context(config) -> "Context":
@@ -92,6 +96,9 @@ class Family:
     export_config: Callable[[Dict[str, Any]], Dict[str, Any]] = lambda cfg: dict(cfg)
     ce_export: Optional[CEExport] = None  # None: CE exports load only as the stock model (a warning)
     presets: Optional[Presets] = None
+    # HF config dict -> (random-init HF model whose MoE blocks are our HF CE blocks, those blocks): the
+    # paper latency tool (megatron_ce/paper/latency.py) times it
+    build_hf_ce_model: Optional[Callable[[Dict[str, Any]], Tuple[Any, List[Any]]]] = None
 
 
 _FAMILIES: Dict[str, Family] = {}

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import statistics
 import time
-import types
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
+from megatron_ce.models import registry
 from megatron_ce.paper.configs import num_experts
 
 
@@ -38,7 +38,7 @@ def scaled_config(family: str, cfg: Dict[str, Any], num_layers=None, scale: int 
         cfg["num_key_value_heads"] = max(1, kv // scale)
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     if experts:
-        cfg["num_experts" if family == "olmoe" else "num_local_experts"] = int(experts)
+        cfg[registry.presets(family).experts_field] = int(experts)
     return cfg
 
 
@@ -51,51 +51,11 @@ class _Tables(nn.Module):
         self.hidden = CETables(n, d, ffn, "hidden")
 
 
-def _phimoe_ce_block_class():
-    from megatron_ce.hf.modeling_olmoe_ce import OlmoeCESparseMoeBlock
-
-    class PhimoeCEBlock(OlmoeCESparseMoeBlock):
-        """Our CE block with Phi-MoE's sparsemixer router (eval): picks in order, pick weights as the
-        base model's; with k_a = 1 the compressed pick's weight is 1."""
-
-        def route(self, hidden_states):
-            _, weights, idx = self.gate(hidden_states)
-            k_m = self.num_main
-            aux_w = torch.ones_like(weights[:, k_m:], dtype=torch.float32)
-            if self.num_compressed > 1:  # pragma: no cover - sparsemixer is top-2
-                aux_w = aux_w / self.num_compressed
-            return idx[:, :k_m], weights[:, :k_m].float(), idx[:, k_m:], aux_w
-
-    return PhimoeCEBlock
-
-
 def build_hf_model(family: str, cfg: Dict[str, Any], dtype=torch.float32, device="cpu", seed: int = 0):
     """A random-init HF model whose MoE blocks are CE blocks with both variants' tables (θ = 1 + noise)."""
     torch.manual_seed(seed)
     n, d, ffn = num_experts(cfg), cfg["hidden_size"], cfg["intermediate_size"]
-    top_k = int(cfg["num_experts_per_tok"])
-    ns = types.SimpleNamespace(
-        num_experts=n, hidden_size=d, intermediate_size=ffn, num_experts_per_tok=top_k,
-        moe_ce_num_compressed=0, moe_ce_variant="ia3", norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-    )
-    if family == "olmoe":
-        from megatron_ce.hf.configuration_olmoe_ce import OlmoeCEConfig
-        from megatron_ce.hf.modeling_olmoe_ce import OlmoeCEForCausalLM
-
-        hf_cfg = OlmoeCEConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
-        model = OlmoeCEForCausalLM(hf_cfg)
-        blocks = [layer.mlp for layer in model.model.layers]
-    else:
-        from transformers import PhimoeConfig, PhimoeForCausalLM
-
-        hf_cfg = PhimoeConfig(**{k: v for k, v in cfg.items() if k not in ("model_type",)})
-        model = PhimoeForCausalLM(hf_cfg)
-        cls = _phimoe_ce_block_class()
-        blocks = []
-        for layer in model.model.layers:
-            stock = layer.mlp
-            layer.mlp = cls(ns, gate=stock.router, experts=stock.experts)
-            blocks.append(layer.mlp)
+    model, blocks = registry.get_family(family).build_hf_ce_model(cfg)
     g = torch.Generator().manual_seed(seed + 1)
     for b in blocks:
         b.ce_tables = _Tables(n, d, ffn)
@@ -150,9 +110,6 @@ def time_generate(model, batch: int, prompt_len: int, new_tokens: int, warmup: i
     return [one() for _ in range(iters)]
 
 
-PAPER_LATENCY_S = {"phimoe": (5.59, 4.01, 4.35), "olmoe": (7.14, 5.31, 5.83)}
-
-
 def run_latency(family, cfg, *, batch=8, prompt_len=32, new_tokens=128, warmup=10, iters=30,
                 dtype=torch.float32, device="cpu", seed=0, log=print) -> Dict[str, Any]:
     device = torch.device(device)
@@ -171,7 +128,7 @@ def run_latency(family, cfg, *, batch=8, prompt_len=32, new_tokens=128, warmup=1
     base = rows[0]["mean_s"]
     for r in rows:
         r["ratio_vs_topk"] = r["mean_s"] / base
-    return dict(rows=rows, paper_s=PAPER_LATENCY_S.get(family))
+    return dict(rows=rows, paper_s=registry.presets(family).paper_figures.get("latency_s"))
 
 
 def format_table(res: Dict[str, Any]) -> str:

@@ -25,11 +25,6 @@ import torch
 from megatron_ce.models import registry
 from megatron_ce.paper.configs import num_experts
 
-# The paper's stated figures (arXiv 2503.00634) and its non-MoE approximation.
-PAPER = {
-    "phimoe": dict(topk=2, k_a=1, active_base=7.45e9, active_ce=4.93e9, reduction_pct=33.8, non_moe=2.4e9),
-    "olmoe": dict(topk=8, k_a=4, active_base=1.28e9, active_ce=878e6, reduction_pct=31.4, non_moe=None),
-}
 
 
 def _is_released(family: str, cfg: Dict[str, Any]) -> bool:
@@ -102,7 +97,7 @@ def count_params(
     res["reduction_pct"] = 100.0 * (res["active_base"] - res["active_ce"]) / res["active_base"]
 
     # the paper's formula: non-MoE + L * (k_m * 3*d*ffn + k_a * (2d + ffn))
-    paper = PAPER.get(family, {}) if _is_released(family, cfg) else {}
+    paper = registry.presets(family).paper_figures if _is_released(family, cfg) else {}
     non_moe = paper.get("non_moe") or (g["dense"] - g["router"])
     p_base = non_moe + L * topk * 3 * d * ffn
     p_ce = non_moe + L * (k_m * 3 * d * ffn + k_a * (2 * d + ffn))

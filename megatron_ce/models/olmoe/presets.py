@@ -41,4 +41,6 @@ PRESETS = Presets(
                 qk_norm=True),  # full-width QK norms: their inputs are kept for the backward
     bench_shape=dict(d=2048, ffn=1024, n=64, k=8),
     smoke_shape=dict(d=64, ffn=32, n=8, k=4),
+    paper_figures=dict(topk=8, k_a=4, active_base=1.28e9, active_ce=878e6, reduction_pct=31.4, non_moe=None,
+                       latency_s=(7.14, 5.31, 5.83)),
 )

@@ -15,6 +15,12 @@ def build_model(hf_config, moe_ce_num_compressed=0, moe_ce_variant="ia3", **over
     )
 
 
+
+def _build_hf_ce_model(cfg):
+    from megatron_ce.models.phimoe.hf_ce import build_hf_ce_model
+
+    return build_hf_ce_model(cfg)
+
 FAMILY = register(
     Family(
         model_type=MODEL_TYPE,
@@ -27,5 +33,6 @@ FAMILY = register(
         hf_ignore=conversion.HF_IGNORE,
         ce_export=CE_EXPORT,
         presets=PRESETS,
+        build_hf_ce_model=_build_hf_ce_model,
     )
 )
