@@ -145,8 +145,8 @@ def format_report(r: Dict[str, Any]) -> str:
     if diff:
         why = (
             "the paper approximates the non-MoE parameters (embeddings, attention, norms, lm_head) as "
-            f"2.4B; the model has {n(r['dense_params'])} (incl. router)"
-            if r["model"] == "phimoe" and "approximation" in f["non_moe_source"]
+            f"{n(f['non_moe'])}; the model has {n(r['dense_params'])} (incl. router)"
+            if "approximation" in f["non_moe_source"]
             else "the paper's figures leave out the router weights, which every token uses (counted here)"
         )
         lines.append(f"  exact - formula = {n(r['active_base'] - f['active_base'])} (top-{r['topk']}): {why}")
