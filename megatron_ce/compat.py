@@ -54,6 +54,17 @@ else:
     GroupedMLP = None
 
 
+def legacy_grouped_mlp():
+    """megatron_ce.legacy_grouped_mlp -- CE experts, CPU stand-ins and weight reading for the legacy
+    GroupedMLP -- where megatron-core has that class, else None. The rest of the package reaches the
+    legacy code only through this (so it is never imported on >= 0.17)."""
+    if not HAS_LEGACY_GROUPED_MLP:
+        return None
+    import importlib
+
+    return importlib.import_module("megatron_ce.legacy_grouped_mlp")
+
+
 def grouped_gemm_available() -> bool:
     """The grouped_gemm package's kernels are usable (only through the legacy grouped_gemm_util)."""
     return grouped_gemm_util is not None and grouped_gemm_util.grouped_gemm_is_available()

@@ -510,7 +510,7 @@ def bench_cmd(shape: str):
         flags = ["--shape", shape, "--json", *ctx.prof.bench_flags]
         env = ctx.numbers("env")
         if not ctx.dry and not env.get("grouped_gemm"):
-            flags += ["--experts", "sequential"]  # the legacy GroupedMLP needs grouped_gemm on a GPU
+            flags += ["--experts", "sequential"]  # the legacy grouped experts need grouped_gemm on a GPU
         return _py(REPO / "tools" / "bench_moe_layer.py", *flags, *(["--smoke"] if ctx.dry else []))
     return cmd
 

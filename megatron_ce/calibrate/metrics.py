@@ -5,6 +5,7 @@ from typing import Dict, Iterable, List, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_ce import compat
 from megatron_ce.calibrate.capture import LayerBatch, layer_output, run_model
 from megatron_ce.calibrate.dist import sequence_groups, sum_over, token_groups
 
@@ -28,11 +29,10 @@ def local_expert_weights(experts) -> List[torch.Tensor]:
     if hasattr(experts, "local_experts"):  # SequentialMLP
         return [torch.cat([p.detach().float().reshape(-1) for p in e.parameters() if p.dim() > 1])
                 for e in experts.local_experts]
-    if hasattr(experts, "weight1"):  # legacy GroupedMLP: [d, E*2F] and [E*F, d]
-        d = experts.weight1.shape[0]
-        w1 = experts.weight1.detach().float().view(d, n, -1).transpose(0, 1)
-        w2 = experts.weight2.detach().float().view(n, -1)
-        return [torch.cat([a.reshape(-1), b]) for a, b in zip(w1, w2)]
+    legacy = compat.legacy_grouped_mlp()  # megatron-core <0.17's grouped experts, else None
+    vecs = legacy.expert_weight_vectors(experts) if legacy is not None else None
+    if vecs is not None:
+        return vecs
     fc1, fc2 = experts.linear_fc1, experts.linear_fc2  # TEGroupedMLP (weight0..weight{E-1})
     return [torch.cat([getattr(fc1, f"weight{i}").detach().float().reshape(-1),
                        getattr(fc2, f"weight{i}").detach().float().reshape(-1)]) for i in range(n)]

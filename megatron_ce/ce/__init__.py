@@ -1,9 +1,8 @@
 """Compressed Experts on megatron-core: config, router, layer, experts and layer specs."""
 
 from megatron_ce.ce.config import CE_VARIANTS, CETransformerConfig, ConfigError
-# CEGroupedMLP is None on megatron-core >= 0.17 (no legacy GroupedMLP; megatron_ce/compat.py).
+# The CE experts of megatron-core <0.17's legacy grouped experts: megatron_ce/legacy_grouped_mlp.py.
 from megatron_ce.ce.experts import (
-    CEGroupedMLP,
     CESequentialMLP,
     CETEGroupedMLP,
     TorchGroupedLinear,
@@ -23,7 +22,6 @@ __all__ = [
     "CE_VARIANTS",
     "CETransformerConfig",
     "ConfigError",
-    "CEGroupedMLP",
     "CESequentialMLP",
     "CETEGroupedMLP",
     "TorchGroupedLinear",

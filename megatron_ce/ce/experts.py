@@ -8,9 +8,9 @@ so state dicts and dist checkpoints are unchanged. Without scales the parent's f
 
 The two fc1 GEMMs read each expert's gate and up halves in place (row views of its [2F, d] weight):
 no weight is copied or stacked per step. On CUDA with Transformer Engine they run as TE grouped GEMMs
-(SequentialMLP and TEGroupedMLP experts alike); otherwise as one torch.mm per expert. Only the legacy
-GroupedMLP on the grouped_gemm package (megatron-core <0.17, see megatron_ce/compat.py) still gathers each half into a dense [E, d, F] operand per
-step (its weight is [d, E*2F], whose halves are strided column blocks; that kernel needs them dense).
+(SequentialMLP and TEGroupedMLP experts alike); otherwise as one torch.mm per expert. The legacy grouped
+experts of megatron-core <0.17 have their CE class in megatron_ce/legacy_grouped_mlp.py, which adds
+itself to CE_EXPERTS.
 
 With the bias-SwiGLU fusion on (config.bias_activation_fusion; off with --no-bias-swiglu-fusion) the
 activation silu(gate) * up * scale runs as one fused autograd function that keeps only its inputs for
@@ -41,21 +41,6 @@ CEScales = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _split(t: torch.Tensor, tokens_per_expert: List[int]):
     return torch.split(t, tokens_per_expert)
-
-
-def _use_grouped_gemm(x: torch.Tensor) -> bool:
-    return x.is_cuda and compat.grouped_gemm_available()
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
-    """Rows of x grouped by expert times w[e] ([E, in, out]); grouped_gemm when it is usable."""
-    if _use_grouped_gemm(x):
-        return compat.grouped_gemm_util.ops.gmm(
-            x, w.contiguous(), torch.tensor(tokens_per_expert, dtype=torch.long), trans_b=False
-        )
-    # unbind once: indexing w[e] per expert would make each backward build a full-size zero grad.
-    outs = [xe @ we for we, xe in zip(w.unbind(0), _split(x, tokens_per_expert))]
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 
 
 class CEExpertsMixin:
@@ -310,34 +295,6 @@ class CESequentialMLP(CEExpertsMixin, SequentialMLP):
         return torch.cat(outs)
 
 
-if compat.HAS_LEGACY_GROUPED_MLP:  # megatron-core <0.17 (compat)
-
-    class CEGroupedMLP(CEExpertsMixin, compat.GroupedMLP):
-        """Legacy GroupedMLP (grouped_gemm) with CE scales; weights are [d, E*2F] and [E*F, d].
-
-        megatron-core's GroupedMLP.forward only runs with bf16=True; without CE scales in fp32 (CPU
-        tests) the same SwiGLU math runs through our grouped path instead.
-        """
-
-        def _parent_forward_ok(self) -> bool:
-            return self.config.bf16
-
-        def _ce_fc1(self, x_gate, x_up, tpe):
-            d = self.config.hidden_size
-            w1 = self.weight1.view(self.num_local_experts, d, -1)
-            f = w1.shape[-1] // 2
-            if _use_grouped_gemm(x_gate):
-                return grouped_mm(x_gate, w1[..., :f], tpe), grouped_mm(x_up, w1[..., f:], tpe)
-            return gate_up_gemm(x_gate, x_up, w1.unbind(0), tpe, out_dim_first=False)
-
-        def _ce_fc2(self, h, tpe, probs):
-            w2 = self.weight2.view(self.num_local_experts, -1, self.config.hidden_size)
-            return grouped_mm(h, w2, tpe)
-
-else:
-    CEGroupedMLP = None
-
-
 class CETEGroupedMLP(CEExpertsMixin, TEGroupedMLP):
     """TEGroupedMLP with CE scales (GPU with transformer-engine; weights weight0..weight{E-1}). fc1 runs
     on views of the weights (gate_up_gemm), fc2 through TE's GroupedLinear itself."""
@@ -400,14 +357,15 @@ class TorchGroupedLinear(torch.nn.Module):
 
 def torch_grouped_experts_spec(ce: bool = True):
     """Experts spec of TEGroupedMLP (CETEGroupedMLP when ce) on TorchGroupedLinear: grouped experts that
-    run without Transformer Engine. The legacy GroupedMLP that did this on CPU went in megatron-core
-    0.17."""
+    run without Transformer Engine (on every supported megatron-core; the legacy grouped experts that
+    did this on CPU went in 0.17)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     sub = compat.grouped_mlp_submodules(TorchGroupedLinear, TorchGroupedLinear)
     return ModuleSpec(module=CETEGroupedMLP if ce else TEGroupedMLP, submodules=sub)
 
 
+#: megatron-core expert class -> its CE subclass (megatron-core <0.17 adds its legacy grouped experts).
 CE_EXPERTS = {SequentialMLP: CESequentialMLP, TEGroupedMLP: CETEGroupedMLP}
-if CEGroupedMLP is not None:
-    CE_EXPERTS[compat.GroupedMLP] = CEGroupedMLP
+# Last, so that the legacy module finds everything above when its import starts here.
+compat.legacy_grouped_mlp()

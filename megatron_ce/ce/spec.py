@@ -119,9 +119,10 @@ def build_ce_moe_layer(config, grouped_gemm: bool = False, pg_collection=None, t
                        ce: bool = True):
     """One standalone MoE layer from the local spec, a CE layer unless ce=False (megatron-core's own).
 
-    grouped_gemm: the legacy GroupedMLP experts, which only megatron-core <0.17 has
-    (compat.legacy_grouped_gemm_kwargs refuses it on later releases). torch_grouped: TEGroupedMLP on
-    TorchGroupedLinear (any release, no Transformer Engine needed)."""
+    grouped_gemm: megatron-core's legacy grouped experts (grouped_gemm package), which only releases <0.17
+    have (compat.legacy_grouped_gemm_kwargs refuses it on later ones; their CE class:
+    megatron_ce/legacy_grouped_mlp.py). torch_grouped: TEGroupedMLP on TorchGroupedLinear (any release,
+    no Transformer Engine needed)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(

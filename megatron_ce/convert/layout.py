@@ -72,7 +72,7 @@ def build_layout_model(family: Family, hf_cfg: Dict[str, Any], k_a: int, variant
             expert_model_parallel_size=1,
             expert_tensor_parallel_size=1,
             sequence_parallel=False,
-            moe_grouped_gemm=False,  # SequentialMLP: its dist-ckpt keys are what GroupedMLP uses too
+            moe_grouped_gemm=False,  # SequentialMLP: its dist-ckpt keys are what the grouped experts use too
         )
 
 

@@ -1,6 +1,7 @@
 """Monkey-patches that let megatron-core run on CPU (torch.distributed gloo, fp32,
 ``use_cpu_initialization=True``); 0.16.1 and 0.19.x (megatron_ce/compat.py), which differ here only
-by the legacy GroupedMLP (removed in 0.17) and its patches.
+by 0.16.1's legacy grouped experts (removed in 0.17), whose patches live in
+megatron_ce/legacy_grouped_mlp.py and are listed and applied here only where that module loads.
 
 Call :func:`apply_cpu_shims` before building models (``init_parallel`` does).  It does nothing
 when CUDA is available and applies the patches once otherwise.  Each patch is narrow: it
@@ -13,7 +14,7 @@ giving the affected mcore modules (and only those) a CPU view of ``torch`` as th
 global: see :class:`_CpuTorch` and ``_CUDA_TORCH_MODULES``.
 
 Found by running: GPTModel (local spec, MoE) fwd/bwd through mcore's schedules with mcore DDP at
-TP2+SP, PP2, EP2 (allgather/alltoall), expert-TP2 alltoall, TP2xPP2xEP2; legacy GroupedMLP;
+TP2+SP, PP2, EP2 (allgather/alltoall), expert-TP2 alltoall, TP2xPP2xEP2; legacy grouped experts;
 ``get_megatron_optimizer`` plain and distributed with grad clipping; dist_checkpointing
 save/load.  Not covered: TE, fp8/fp16/bf16, flex dispatcher, FSDP, CUDA graphs, inference.
 """
@@ -33,7 +34,7 @@ import torch
 
 from megatron_ce import compat
 
-__all__ = ["apply_cpu_shims", "define_missing_te_names", "cpu_gmm", "PATCHED_NAMES", "ADDED_NAMES"]
+__all__ = ["apply_cpu_shims", "define_missing_te_names", "PATCHED_NAMES", "ADDED_NAMES"]
 
 _LOCK = threading.Lock()
 _APPLIED = False
@@ -44,12 +45,13 @@ _RANDOM = "megatron.core.tensor_parallel.random"
 _MAPPINGS = "megatron.core.tensor_parallel.mappings"
 _MOE_UTILS = "megatron.core.transformer.moe.moe_utils"
 _DISPATCHER = "megatron.core.transformer.moe.token_dispatcher"
-_EXPERTS = "megatron.core.transformer.moe.experts"
-_GG = "megatron.core.transformer.moe.grouped_gemm_util"
 _TORCH_NORM = "megatron.core.transformer.torch_norm"
 _CLIP_GRADS = "megatron.core.optimizer.clip_grads"
 _OPTIMIZER = "megatron.core.optimizer.optimizer"
 _DIST_OPT = "megatron.core.optimizer.distrib_optimizer"
+
+# megatron-core <0.17: the legacy grouped experts' patches (megatron_ce/legacy_grouped_mlp.py), else None.
+_LEGACY = compat.legacy_grouped_mlp()
 
 # ======================================================================================
 # 1. A CPU view of ``torch`` for mcore modules that hard-code CUDA
@@ -178,14 +180,14 @@ class _CpuTorch(types.ModuleType):
 # 2. torch.compile'd mcore functions (megatron.core.jit.jit_fuser)
 # ======================================================================================
 
-# Modules that bind ``jit_fuser`` by name (GroupedMLP.__init__ also applies it at run time; experts
-# binds it only for that class, so only while it exists: megatron-core <0.17).
+# Modules that bind ``jit_fuser`` by name (plus, on megatron-core <0.17, the legacy grouped experts'
+# module, which applies it at run time).
 _JIT_FUSER_MODULES = (
     _JIT,
     "megatron.core.activations",
     "megatron.core.transformer.torch_norm",
     "megatron.core.transformer.attention",
-    *((_EXPERTS,) if compat.HAS_LEGACY_GROUPED_MLP else ()),
+    *(_LEGACY.CPU_JIT_FUSER_MODULES if _LEGACY is not None else ()),
     "megatron.core.transformer.moe.router",
     "megatron.core.transformer.moe.token_dispatcher",
     "megatron.core.transformer.utils",
@@ -388,44 +390,6 @@ def _make_norm_new(orig_new):
     return __new__
 
 
-def cpu_gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes, trans_b: bool = False) -> torch.Tensor:
-    """CPU stand-in for ``grouped_gemm.ops.gmm``: rows of ``a`` [tokens, k] are split by
-    ``batch_sizes`` (one count per group) and chunk i is multiplied by ``b[i]`` ([k, n], or
-    [n, k] with ``trans_b``).  Plain autograd ops: gradients reach ``a`` and ``b``, and groups
-    with zero rows get zero gradient."""
-    sizes = [int(s) for s in (batch_sizes.tolist() if torch.is_tensor(batch_sizes) else batch_sizes)]
-    if len(sizes) != b.shape[0]:
-        raise ValueError(f"gmm: {len(sizes)} batch sizes for {b.shape[0]} weight groups")
-    if sum(sizes) != a.shape[0]:
-        raise ValueError(f"gmm: batch sizes sum to {sum(sizes)} but a has {a.shape[0]} rows")
-    chunks = torch.split(a, sizes, dim=0)
-    # unbind, not b[i]: each b[i]'s backward would materialise a zero tensor of b's full size
-    # (quadratic in the number of experts: 60% of a 64-expert layer's time in a profile).
-    out = [chunk @ (w.t() if trans_b else w) for w, chunk in zip(b.unbind(0), chunks)]
-    if not out:
-        return a.new_zeros((0, b.shape[1] if trans_b else b.shape[2]))
-    return torch.cat(out, dim=0)
-
-
-def _make_grouped_mlp_forward(orig_forward):
-    def forward(self, *args, **kwargs):
-        # Asserts config.bf16 because the CUDA kernels are bf16-only; cpu_gmm is not, so an fp32
-        # model gets through with a bf16=True view of its config during forward.
-        config = self.config
-        if config.bf16:
-            return orig_forward(self, *args, **kwargs)
-        view = copy.copy(config)
-        view.bf16 = True
-        self.config = view
-        try:
-            return orig_forward(self, *args, **kwargs)
-        finally:
-            self.config = config
-
-    forward.__wrapped__ = orig_forward
-    return forward
-
-
 # ======================================================================================
 # 4. The list of patched names and apply_cpu_shims()
 # ======================================================================================
@@ -437,11 +401,6 @@ _MOE_UTILS_TE_NAMES = (
     "fused_sort_chunks_by_index fused_sort_chunks_by_index_with_probs "
     "fused_topk_with_score_function fused_unpermute te_general_gemm"
 ).split()
-
-# The legacy GroupedMLP's patches (megatron-core <0.17 only: compat.HAS_LEGACY_GROUPED_MLP).
-_LEGACY_GROUPED_MLP_NAMES = (
-    [(_GG, "grouped_gemm"), (_GG, "ops"), (_EXPERTS, "GroupedMLP.forward")] if compat.HAS_LEGACY_GROUPED_MLP else []
-)
 
 #: Every existing mcore attribute apply_cpu_shims() may replace: (module, dotted attribute).
 PATCHED_NAMES: Tuple[Tuple[str, str], ...] = tuple(
@@ -455,7 +414,7 @@ PATCHED_NAMES: Tuple[Tuple[str, str], ...] = tuple(
         + [(_CLIP_GRADS, "clip_grad_by_total_norm_fp32"), (_OPTIMIZER, "clip_grad_by_total_norm_fp32")]
         + [(_DIST_OPT, "DistributedOptimizer._build_model_and_main_param_groups")]
         + [(_TORCH_NORM, "WrappedTorchNorm.__new__")]
-        + _LEGACY_GROUPED_MLP_NAMES
+        + list(_LEGACY.CPU_PATCHED_NAMES if _LEGACY is not None else ())
     )
 )
 
@@ -548,16 +507,6 @@ def _apply() -> None:
     norm_cls = _get(_TORCH_NORM, "WrappedTorchNorm")
     norm_cls.__new__ = staticmethod(_make_norm_new(norm_cls.__dict__["__new__"].__func__))
 
-    # Legacy GroupedMLP needs the CUDA grouped_gemm package: CPU split-and-matmul fallback,
-    # and its bf16-only assertion (about those kernels) lifted.
-    if compat.HAS_LEGACY_GROUPED_MLP:
-        _patch_legacy_grouped_mlp()
-
-
-def _patch_legacy_grouped_mlp() -> None:
-    gg = importlib.import_module(_GG)
-    if gg.grouped_gemm is None:
-        gg.grouped_gemm = types.SimpleNamespace(ops=types.SimpleNamespace(gmm=cpu_gmm))
-        gg.ops = gg.grouped_gemm.ops
-        grouped_mlp = _get(_EXPERTS, "GroupedMLP")
-        grouped_mlp.forward = _make_grouped_mlp_forward(grouped_mlp.forward)
+    # The legacy grouped experts (megatron-core <0.17) need the CUDA grouped_gemm package.
+    if _LEGACY is not None:
+        _LEGACY.apply_cpu_patches()

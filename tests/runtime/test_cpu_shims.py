@@ -11,9 +11,15 @@ import types
 import pytest
 import torch
 
+from megatron_ce import compat
 from megatron_ce.runtime import cpu_shims
-from megatron_ce.runtime.cpu_shims import ADDED_NAMES, PATCHED_NAMES, apply_cpu_shims, cpu_gmm
+from megatron_ce.runtime.cpu_shims import ADDED_NAMES, PATCHED_NAMES, apply_cpu_shims
 from tests.dist_harness import run_distributed
+
+# The grouped_gemm stand-in exists only with the legacy GroupedMLP (megatron-core <0.17).
+cpu_gmm = getattr(compat.legacy_grouped_mlp(), "cpu_gmm", None)
+legacy_only = pytest.mark.skipif(cpu_gmm is None, reason=f"legacy GroupedMLP: megatron-core <0.17 only, found "
+                                 f"{compat.MCORE_VERSION_STR}")
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU shims are inert with CUDA")
 
@@ -38,7 +44,8 @@ def test_mcore_is_a_supported_version():
 def test_legacy_grouped_mlp_patches_listed_exactly_where_it_exists():
     from megatron_ce import compat
 
-    legacy = {(cpu_shims._GG, "grouped_gemm"), (cpu_shims._GG, "ops"), (cpu_shims._EXPERTS, "GroupedMLP.forward")}
+    gg, experts = "megatron.core.transformer.moe.grouped_gemm_util", "megatron.core.transformer.moe.experts"
+    legacy = {(gg, "grouped_gemm"), (gg, "ops"), (experts, "GroupedMLP.forward")}
     assert legacy <= set(PATCHED_NAMES) if compat.HAS_LEGACY_GROUPED_MLP else not legacy & set(PATCHED_NAMES)
 
 
@@ -165,6 +172,7 @@ def _reference_gmm(a, b, sizes, trans_b):
     [[3, 1, 4, 2], [0, 5, 0, 3], [4, 0, 0, 0], [0, 0, 0, 0], [0, 0, 2, 0]],
     ids=["all-nonzero", "zeros-between", "zeros-trailing", "all-zero", "one-group"],
 )
+@legacy_only
 def test_cpu_gmm_matches_per_chunk_matmul(sizes, trans_b):
     g = torch.Generator().manual_seed(0)
     k, n = 6, 5
@@ -188,6 +196,7 @@ def test_cpu_gmm_matches_per_chunk_matmul(sizes, trans_b):
             assert torch.count_nonzero(b.grad[i]) == 0
 
 
+@legacy_only
 def test_cpu_gmm_rejects_inconsistent_sizes():
     with pytest.raises(ValueError):
         cpu_gmm(torch.zeros(3, 2), torch.zeros(2, 2, 2), torch.tensor([1, 1]))

@@ -129,8 +129,11 @@ def test_plain_and_distributed_optimizer_agree_tp2_pp2():
 def _cuda_runtime_facts(rank, world_size):
     import torch
 
+    from megatron_ce import compat as _compat
     from megatron_ce.runtime import apply_cpu_shims, destroy_parallel, init_parallel
-    from megatron_ce.runtime.cpu_shims import cpu_gmm
+
+    # the legacy GroupedMLP's CPU gmm (megatron-core <0.17); later releases have none to install
+    cpu_gmm = getattr(_compat.legacy_grouped_mlp(), "cpu_gmm", object())
 
     init_parallel(timeout_s=120)
     try:
