@@ -4,6 +4,9 @@
     SAVE/release/ or SAVE/iter_0000040/      megatron-core torch_dist checkpoint (.metadata, *.distcp)
         megatron_ce.json                     `ModelRecord`: family, HF config, CE settings, provenance
         train_state.json                     trained checkpoints only: iteration, data position, LR schedule
+        rank_NNNNN.pt                        trained checkpoints only: each rank's exact optimizer state + RNG
+        optimizer/                           trained checkpoints only (plain optimizer): the optimizer state as
+                                             a torch_dist checkpoint of its own, loadable under another layout
         tokenizer/                           the tokenizer trained with (trainer saves)
     SAVE/megatron_ce.json                    a copy of the record at the root, for tools that look there
     SAVE/hf_files/                           tokenizer / generation config of the HF source (converter)
@@ -26,6 +29,7 @@ META_NAME = "megatron_ce.json"
 RELEASE = "release"
 HF_FILES_DIR = "hf_files"
 TOKENIZER_DIR = "tokenizer"
+OPTIMIZER_DIR = "optimizer"  # training/optim_reshard.py: reshardable optimizer state
 DIST_FORMAT = "megatron-core torch_dist"
 
 

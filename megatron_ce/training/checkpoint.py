@@ -9,6 +9,7 @@ Layout of `--save DIR`:
     DIR/iter_0000040/                         model weights (torch_dist: .metadata, *.distcp, common.pt)
         train_state.json                      iteration, consumed samples, LR scheduler, parallel layout
         rank_00000.pt ...                     per rank: optimizer state (+ fp32 master weights), RNG
+        optimizer/                            the optimizer state again, reshardable (plain optimizer only)
         megatron_ce.json                      model family / HF config (when built from one)
         tokenizer/                            the tokenizer trained with (--tokenizer-model); HF exports carry it
     DIR/iter_0000044.tmp/                     a save in progress (or interrupted: ignored with a warning)
@@ -18,11 +19,14 @@ Save: every rank writes into `iter_N.tmp` (megatron-core's writer fsyncs its fil
 it to `iter_N`, fsyncs DIR, then replaces the tracker file atomically. A crash at any point leaves the
 previous tracker and its folder intact.
 
-Optimizer state: megatron-core 0.16.1 cannot dist-checkpoint torch Adam state (docs/METHOD.md §5), so each
-rank saves its own inner torch optimizer state and master weights with torch.save. It is exact, and
-restored only under the same layout (TP/PP/EP/ETP/DP, distributed optimizer, bf16); under another
-layout the weights, iteration, data position and LR schedule are restored and the optimizer starts
-fresh (a warning says so).
+Optimizer state: megatron-core's default optimizer checkpoint cannot be saved with torch Adam
+(docs/METHOD.md §5), so each rank saves its own inner torch optimizer state and master weights with
+torch.save: exact (bitwise resumes), restored under the same layout (TP/PP/EP/ETP/DP, distributed
+optimizer, bf16). With the plain optimizer the state is also saved in megatron-core's reshardable form
+(optimizer/, training/optim_reshard.py), which a resume under another layout loads; where that form is
+missing or cannot be loaded (the distributed optimizer, EP=1 <-> EP>1: optim_reshard.load_refusal)
+the weights, iteration, data position and LR schedule are restored and the optimizer starts fresh (a
+warning says why). docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from megatron_ce import checkpoint_format as fmt
 # The folder format is defined once (megatron_ce/checkpoint_format.py); these names stay importable from
 # here. atomic_write is looked up through this module at call time, so a test can patch it here.
 from megatron_ce.checkpoint_format import META_NAME, RELEASE, STATE, TRACKER, ModelRecord, atomic_write, iter_dir
+from megatron_ce.runtime.parallel import barrier, global_rank
+from megatron_ce.training import optim_reshard
 
 __all__ = ["META_NAME", "RELEASE", "STATE", "TRACKER", "CheckpointError", "CheckpointSaveError", "atomic_write",
            "find_checkpoint", "iter_dir", "load_model_weights", "read_train_state", "read_tracker",
@@ -64,14 +70,6 @@ def read_tracker(root: str) -> Optional[str]:
         return fmt.read_tracker(root)
     except fmt.FormatError:
         return None
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank()
-
-
-def _barrier():
-    torch.distributed.barrier()
 
 
 def _fsync_tree(root: str) -> None:
@@ -214,34 +212,43 @@ def _all_or_none(step, root: str, tmp: str) -> None:
             step()
         except Exception as e:  # OSError mostly; anything else must stop all ranks alike too
             error = e
-    failed = torch.tensor([_rank() if error is not None else -1], dtype=torch.int64)
+    failed = torch.tensor([global_rank() if error is not None else -1], dtype=torch.int64)
     torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
     if int(failed) < 0:
         return
-    if _rank() == 0:
+    if global_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     reason = f"{type(error).__name__}: {error}" if error is not None else "see that rank's log"
     raise CheckpointSaveError(f"saving {tmp} failed on rank {int(failed)} ({reason}); the partial folder was "
                               f"removed and {read_tracker(root) or 'no checkpoint'} stays the latest")
 
 
-def _start_save(root: str, tmp: str) -> None:
-    if _rank() == 0:
+def optimizer_dir(ckpt_dir: str) -> str:
+    return os.path.join(ckpt_dir, fmt.OPTIMIZER_DIR)
+
+
+def _start_save(root: str, tmp: str, args) -> None:
+    if global_rank() == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):  # left by an interrupted save of this iteration
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-    _barrier()
+        if optim_reshard.save_refusal(args) is None:
+            os.makedirs(optimizer_dir(tmp))
+    barrier()
 
 
 def _write_rank_files(tmp: str, gpt_model, optimizer, args) -> None:
-    """This rank's shards of the model (megatron-core's writer) and its optimizer/RNG file."""
+    """This rank's shards of the model (megatron-core's writer), of the reshardable optimizer state
+    (when saved) and its exact optimizer/RNG file."""
     from megatron.core import dist_checkpointing
 
     dist_checkpointing.save(gpt_model.sharded_state_dict(), tmp)
+    if optim_reshard.save_refusal(args) is None:
+        optim_reshard.save_optimizer_state(optimizer, gpt_model, optimizer_dir(tmp))
     rank_state = dict(layout=parallel_layout(args), rng=rng_state(),
                       optimizer=None if args.no_save_optim else optimizer_rank_state(optimizer, gpt_model))
-    path = rank_state_path(tmp, _rank())
+    path = rank_state_path(tmp, global_rank())
     with open(path + ".part", "wb") as f:
         torch.save(rank_state, f)
         f.flush()
@@ -294,17 +301,18 @@ def save_checkpoint(root: str, iteration: int, gpt_model, optimizer, scheduler, 
     _sync_saves_in_process()
     final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"
     meta_bytes = _meta_bytes(meta)
-    _start_save(root, tmp)
+    _start_save(root, tmp, args)
 
     def commit():  # rank 0, once every rank's files are written
         state = dict(iteration=iteration, consumed_samples=consumed_samples, layout=parallel_layout(args),
                      scheduler=scheduler.state_dict(), optimizer_saved=not args.no_save_optim,
+                     reshardable_optimizer=optim_reshard.saved_record(args, optimizer),
                      model=model_settings(gpt_model.config))
         _write_folder_files(tmp, state, meta_bytes, args)
         _publish(root, tmp, final, iteration, meta_bytes)
 
     _all_or_none(lambda: _write_rank_files(tmp, gpt_model, optimizer, args), root, tmp)
-    _all_or_none(commit if _rank() == 0 else None, root, tmp)
+    _all_or_none(commit if global_rank() == 0 else None, root, tmp)
     return final
 
 
@@ -358,8 +366,8 @@ def prune_checkpoints(root: str, keep: int, just_saved: int, background: bool = 
     in the next collective). Returns the retired folders (rank 0; [] elsewhere). A folder that cannot
     be removed is a warning, not an error: training goes on."""
     global _deleter
-    _barrier()
-    if _rank() != 0:
+    barrier()
+    if global_rank() != 0:
         return []
     wait_for_pruning()  # one deleter at a time
     doomed = [os.path.join(root, d) for d in os.listdir(root)
@@ -391,7 +399,7 @@ def find_checkpoint(root: str) -> Optional[str]:
     if not root or not os.path.isdir(root):
         return None
     partial = sorted(d for d in os.listdir(root) if d.endswith(".tmp") or d.endswith(".old"))
-    if partial and _rank() == 0:
+    if partial and global_rank() == 0:
         warnings.warn(f"ignoring partial checkpoint folder(s) {', '.join(partial)} in {root} "
                       "(an interrupted save)", stacklevel=2)
     tracker = os.path.join(root, TRACKER)
@@ -459,7 +467,7 @@ def load_model_weights(gpt_model, ckpt_dir: str) -> None:
                               "(a different model shape?)")
     for k in missing:
         sharded.pop(k)
-    if ce_missing and _rank() == 0:
+    if ce_missing and global_rank() == 0:
         warnings.warn(f"{ckpt_dir} has no compressed-expert tables; they start at ones", stacklevel=2)
     state = dist_checkpointing.load(sharded, ckpt_dir)
     result = gpt_model.load_state_dict(state, strict=False)
@@ -481,6 +489,17 @@ def read_train_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
         raise CheckpointError(f"{path}: not a training state file ({detail})") from None
 
 
+def load_resharded_optimizer(ckpt_dir: str, optimizer, gpt_model) -> None:
+    """Collective: the optimizer state of optimizer/ (saved under another layout; the caller checked
+    optim_reshard.load_refusal). A missing or truncated file is a one-line CheckpointError."""
+    path = optimizer_dir(ckpt_dir)
+    if not fmt.is_dist_checkpoint(path):
+        raise CheckpointError(f"{path}: missing (train_state.json says the reshardable optimizer state was saved); "
+                              "--no-load-optim starts the optimizer fresh")
+    verify_files(path)
+    optim_reshard.load_optimizer_state(optimizer, gpt_model, path)
+
+
 def rank_state_path(ckpt_dir: str, rank: int) -> str:
     return os.path.join(ckpt_dir, f"rank_{rank:05d}.pt")
 
@@ -495,7 +514,7 @@ def load_rank_state(ckpt_dir: str, state: Dict[str, Any], same_layout: bool) -> 
         if not os.path.isfile(rank_state_path(ckpt_dir, r)):
             raise CheckpointError(f"{rank_state_path(ckpt_dir, r)}: missing (the checkpoint holds "
                                   f"{world} ranks' optimizer/RNG files); --finetune loads only the weights")
-    path = rank_state_path(ckpt_dir, _rank())
+    path = rank_state_path(ckpt_dir, global_rank())
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or damaged zip: torch raises several types

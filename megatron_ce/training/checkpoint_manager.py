@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 from megatron_ce.training import checkpoint as ckpt
+from megatron_ce.training import optim_reshard
 from megatron_ce.training.args import ArgError
 from megatron_ce.training.metrics import print0
 from megatron_ce.training.resilience import ExitSignalHandler
@@ -38,6 +39,7 @@ class CheckpointManager:
         self.interval: Optional[int] = args.save_interval
         self.keep: Optional[int] = args.keep_last_checkpoints
         self.last_saved: Optional[int] = None  # the iteration whose checkpoint is the latest (this run or resumed)
+        self.model = None  # the unwrapped model `load` filled: a resharded optimizer load maps its parameters
         # Installed at construction, i.e. first in set-up: a signal during set-up is acted on after the
         # first iteration.
         self.exit_handler = ExitSignalHandler(args.exit_signal) if args.exit_signal_handler else None
@@ -86,6 +88,7 @@ class CheckpointManager:
     def load(self, gpt) -> Resume:
         """The model weights from the resume source, and this rank's optimizer/RNG file when usable."""
         source, state = self.resume_source()
+        self.model = gpt
         if source is None:
             return Resume()
         if state is not None:  # checked before the weights: a changed setting is the likelier mistake
@@ -122,10 +125,21 @@ class CheckpointManager:
     def _optimizer_not_restored(self, resume: Resume, optimizer) -> Optional[str]:
         """Load the optimizer state; the reason when it cannot be (None: restored)."""
         if not resume.same_layout:
-            return f"layout {resume.state['layout']} -> {ckpt.parallel_layout(self.args)}"
+            return self._reshard_optimizer(resume, optimizer)
         if self.args.no_load_optim or resume.rank_state is None or resume.rank_state["optimizer"] is None:
             return "no optimizer state saved, or --no-load-optim"
         return ckpt.load_optimizer_rank_state(optimizer, resume.rank_state["optimizer"])
+
+    def _reshard_optimizer(self, resume: Resume, optimizer) -> Optional[str]:
+        """Collective: under another layout, the reshardable optimizer state (optimizer/) when this run
+        can load it (decided up front from train_state.json and this run's flags, alike on every rank)."""
+        before, now = resume.state["layout"], ckpt.parallel_layout(self.args)
+        refusal = optim_reshard.load_refusal(resume.state.get("reshardable_optimizer"), self.args, optimizer)
+        if refusal is not None:
+            return f"layout {_short(before)} -> {_short(now)}: {refusal}"
+        ckpt.load_resharded_optimizer(resume.source, optimizer, self.model)
+        print0(f"optimizer state resharded from layout {_short(before)} to {_short(now)}")
+        return None
 
     def save(self, iteration: int, gpt, optimizer, scheduler, consumed: int, record=None,
              gathered: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
@@ -151,3 +165,8 @@ class CheckpointManager:
         ckpt.wait_for_pruning()
         if self.exit_handler is not None:
             self.exit_handler.restore()
+
+
+def _short(layout: Dict[str, Any]) -> str:
+    """A parallel layout (training/checkpoint.py parallel_layout) on one line: world=2 tp=2 pp=1 ..."""
+    return " ".join(f"{k}={v}" for k, v in layout.items())

@@ -15,11 +15,17 @@ copies every tensor of the parameter's state, Adam's step included, from a dict 
 TE/Apex FusedAdam the step lives in the param groups, not tested here. (2) A ChainedOptimizer
 prefixes keys with the sub-optimizer's index (chained_0., chained_1.); expert-parallel parameters get
 their own sub-optimizer only when EP > 1, so EP=1 <-> EP>1 changes the keys.
+
+The trainer (training/checkpoint.py, training/checkpoint_manager.py) writes this form into
+iter_N/optimizer/ beside the exact per-rank files when `save_refusal(args)` is None, records
+`saved_record` in train_state.json, and reads it back only under another layout, when `load_refusal`
+(decided from that record and this run's flags, before anything is read) is None.
+docs/RELIABILITY.md lists what reshards.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 #: The distributed optimizer's layout-independent checkpoint form. Not megatron-core's default,
 #: "fully_sharded_model_space": its ShardedTensors carry a flattened_range, which dist_checkpointing
@@ -78,3 +84,53 @@ def load_optimizer_state(optimizer, gpt_model, ckpt_dir: str) -> None:
     for inner, kept in zip(subs, settings):
         for g, k in zip(inner.param_groups, kept):
             g.update(k)
+
+
+# ----------------------------------------------------------------------------------------------
+# what the trainer saves and loads in this form (the rules, in one place)
+# ----------------------------------------------------------------------------------------------
+
+_DIST_OPTIM = "--use-distributed-optimizer (megatron-core's reshardable load fails with torch Adam: KeyError 'step')"
+
+
+def save_refusal(args) -> Optional[str]:
+    """None when the trainer saves the optimizer in the reshardable form too; else why not."""
+    if args.no_save_optim:
+        return "--no-save-optim"
+    if args.use_distributed_optimizer:
+        return _DIST_OPTIM
+    return None
+
+
+def sub_optimizer_count(optimizer) -> int:
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def saved_record(args, optimizer) -> Dict[str, Any]:
+    """train_state.json's note of the reshardable form: whether it was saved (else why not) and what a
+    load must match. The number of sub-optimizers fixes megatron-core's key prefixes (chained_N.):
+    expert parameters get a sub-optimizer of their own when EP > 1 (0.19.x: also when ETP != TP)."""
+    return dict(saved=save_refusal(args) is None, reason=save_refusal(args),
+                sub_optimizers=sub_optimizer_count(optimizer), bf16=bool(args.bf16))
+
+
+def load_refusal(record: Optional[Dict[str, Any]], args, optimizer) -> Optional[str]:
+    """None when this run can load the reshardable optimizer state `record` (train_state.json)
+    describes; else why not. Decided before reading anything, the same on every rank."""
+    if args.no_load_optim:
+        return "--no-load-optim"
+    if not record:
+        return "the checkpoint has no reshardable optimizer state (saved before it existed)"
+    if not record.get("saved"):
+        return f"the checkpoint has no reshardable optimizer state, saved with {record.get('reason')}"
+    if args.use_distributed_optimizer:
+        return f"this run has {_DIST_OPTIM}"
+    if bool(args.bf16) != bool(record.get("bf16")):
+        return f"--bf16 {'added' if args.bf16 else 'removed'} (the optimizer holds other tensors)"
+    now = sub_optimizer_count(optimizer)
+    if now != record.get("sub_optimizers"):
+        return (f"{record.get('sub_optimizers')} sub-optimizer(s) saved, {now} now: expert parameters get one of "
+                "their own with --expert-model-parallel-size > 1 (0.19.x: also --expert-tensor-parallel-size != "
+                "--tensor-model-parallel-size), which changes megatron-core's keys")
+    return None
+

@@ -35,8 +35,8 @@ def _ckpt(root, name, iteration=None):
 
 @pytest.fixture(autouse=True)
 def rank0(monkeypatch):
-    monkeypatch.setattr(ckpt, "_rank", lambda: 0)
-    monkeypatch.setattr(ckpt, "_barrier", lambda: None)
+    monkeypatch.setattr(ckpt, "global_rank", lambda: 0)
+    monkeypatch.setattr(ckpt, "barrier", lambda: None)
 
 
 def test_save_every_interval_and_once_at_the_end(tmp_path):

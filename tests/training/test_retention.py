@@ -24,8 +24,8 @@ def _ckpt(root: Path, it: int, ours: bool = True) -> Path:
 def root(tmp_path, monkeypatch):
     """A save folder as a long run leaves it, plus things retention must not touch; rank 0, no
     process group."""
-    monkeypatch.setattr(ckpt, "_rank", lambda: 0)
-    monkeypatch.setattr(ckpt, "_barrier", lambda: None)
+    monkeypatch.setattr(ckpt, "global_rank", lambda: 0)
+    monkeypatch.setattr(ckpt, "barrier", lambda: None)
     r = tmp_path / "ckpt"
     for it in (2, 4, 6, 8):
         _ckpt(r, it)
@@ -81,7 +81,7 @@ def test_background_deletion(root):
 
 
 def test_other_ranks_delete_nothing(root, monkeypatch):
-    monkeypatch.setattr(ckpt, "_rank", lambda: 1)
+    monkeypatch.setattr(ckpt, "global_rank", lambda: 1)
     (root / ckpt.TRACKER).write_text("8")
     assert ckpt.prune_checkpoints(str(root), 1, 8) == []
     assert (root / "iter_0000002").is_dir()
