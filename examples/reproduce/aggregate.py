@@ -41,18 +41,30 @@ def summarise(seeds: List[Dict], latency: Dict[str, List[float]]) -> Dict[str, D
 
 
 def recoveries(seeds: List[Dict], rows: List[tuple], n_boot: int) -> List[Dict]:
-    """Exact-match recovery (paired bootstrap intervals) and answer-NLL recovery of every CE row."""
+    """Exact-match and answer-NLL recovery of every CE row, each with paired bootstrap intervals over the
+    test items (the NLL ones need per-item NLLs, `nll_items`, stored since Run D)."""
     out = []
     for ce, high, low in rows:
         if any(v not in seeds[0]["variants"] for v in (ce, high, low)):
             continue
         per_seed = [{v: s["variants"][v]["correct"] for v in (ce, high, low)} for s in seeds]
         rep = recovery_report(per_seed, high, low, ce, n_boot)
-        nll = [[s["variants"][v]["nll"] for s in seeds] for v in (ce, low, high)]
-        rep["nll"] = dict(per_seed=[recovery(c, lo, h) for c, lo, h in zip(*nll)],
-                          of_means=recovery(*(statistics.mean(x) for x in nll)))
+        rep["nll"] = nll_recovery(seeds, ce, high, low, n_boot)
         out.append(rep)
     return out
+
+
+def nll_recovery(seeds: List[Dict], ce: str, high: str, low: str, n_boot: int) -> Dict:
+    """recovery_report on the per-item answer NLLs; (nll_CE - nll_low)/(nll_high - nll_low) is the same
+    formula, the gap (high - low) is negative when the reference is better. Results without per-item
+    NLLs (before Run D) get the point estimates only."""
+    if all("nll_items" in s["variants"][v] for s in seeds for v in (ce, high, low)):
+        per_seed = [{v: s["variants"][v]["nll_items"] for v in (ce, high, low)} for s in seeds]
+        return recovery_report(per_seed, high, low, ce, n_boot, seed=1)
+    nll = [[s["variants"][v]["nll"] for s in seeds] for v in (ce, low, high)]
+    return dict(per_seed=[dict(point=recovery(c, lo, h), ci=None, gap=h - lo, gap_ci=None, undefined=0,
+                               acc={ce: c, low: lo, high: h}) for c, lo, h in zip(*nll)],
+                of_means=dict(point=recovery(*(statistics.mean(x) for x in nll))))
 
 
 def sensitivity(ref: Dict, other: Dict, rows: List[tuple]) -> Dict:

@@ -11,25 +11,52 @@ from typing import Dict, List, Tuple
 import torch
 
 from . import model as M
-from .tasks import pretrain_batch, sft_batch
+from .tasks import add_example, pretrain_batch, sft_batch
 from .variants import Variant, select
 
 
-def pretrain(a, seed: int) -> Tuple[Dict[str, torch.Tensor], float]:
-    """Top-4 with the load-balancing loss; returns (state dict, mean loss of the last 10% of steps)."""
+def gate_problems(a) -> List:
+    """The pretraining gate's check: fixed additions of a width the pretraining mixture does contain
+    (never the SFT width), drawn from their own generator."""
+    rng = random.Random(20_000)
+    return [add_example(rng, gate_width(a.digits)) for _ in range(a.gate_n)]
+
+
+def gate_width(sft_digits: int) -> int:
+    return max(w for w in (1, 2, 3) if w != sft_digits)
+
+
+def pretrain(a, seed: int) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """Top-4 with the load-balancing loss for a.pretrain_steps; then, while the gate's check (greedy exact
+    match on gate_problems) is below a.gate_acc, more steps at the schedule's floor lr, in quarters of
+    a.pretrain_steps, up to a.pretrain_max_mult x a.pretrain_steps. A seed that never passes is kept and
+    reported (`passed`: False), never dropped. Returns (state dict, record)."""
     torch.manual_seed(seed)
     base = M.build(a, 4, 0, aux=0.01)
     rng = random.Random(seed)
     losses: List[float] = []
+    opt = M.make_optimizer(base, a.pretrain_lr, 1.0)
+    check, limit, step, history = gate_problems(a), int(a.pretrain_max_mult * a.pretrain_steps), 0, []
 
-    def batch(step):
+    def batch(_step):
         return (pretrain_batch(rng, a.pretrain_batch, a.pretrain_seq, a.digits),)
 
-    M.train(base, a.pretrain_steps, a.pretrain_lr, batch, f"pretrain seed {seed}",
-            max(1, a.pretrain_steps // 5), losses=losses)
+    while True:
+        n = a.pretrain_steps if step == 0 else min(max(1, a.pretrain_steps // 4), limit - step)
+        M.run_steps(base, opt, range(step, step + n), a.pretrain_steps, a.pretrain_lr, batch,
+                    f"pretrain seed {seed}", max(1, a.pretrain_steps // 5), losses=losses)
+        step += n
+        ev = M.evaluate(base, check)
+        history.append([step, statistics.mean(ev["correct"]), statistics.mean(ev["nll"])])
+        print(f"  [pretrain seed {seed}] gate check after {step} steps: {100 * history[-1][1]:.1f}% "
+              f"exact match, answer NLL {history[-1][2]:.3f} on {gate_width(a.digits)}-digit additions "
+              f"(pass: {100 * a.gate_acc:.0f}%)", flush=True)
+        if history[-1][1] >= a.gate_acc or step >= limit:
+            break
     state = {k: v.detach().clone() for k, v in base.state_dict().items() if not k.endswith("_extra_state")}
-    tail = losses[-max(1, len(losses) // 10):]
-    return state, statistics.mean(tail)
+    tail = losses[-max(1, a.pretrain_steps // 10):]
+    return state, dict(loss=statistics.mean(tail), steps=step, passed=history[-1][1] >= a.gate_acc,
+                       gate_history=history)
 
 
 def calibrate(m, a, v: Variant, seed: int, sample) -> Dict:
@@ -74,6 +101,8 @@ def run_variant(a, v: Variant, state, seed: int, splits) -> Tuple[Dict, torch.nn
     torch.manual_seed(seed)
     m = M.build(a, v.topk, v.k_a, aux=0.0, variant=v.ce, tau=v.tau)
     M.load_pretrained(m, state)
+    if v.tied:
+        M.tie_theta_rows(m)
     r: Dict = dict(spec=v.as_dict())
     if v.calib:
         r["calibration"] = calibrate(m, a, v, seed, sample)
@@ -84,7 +113,7 @@ def run_variant(a, v: Variant, state, seed: int, splits) -> Tuple[Dict, torch.nn
     M.train(m, a.sft_steps, a.sft_lr, lambda s: sft_batch([sample(drng) for _ in range(a.sft_batch)]),
             f"seed {seed} {v.name}", max(1, a.sft_steps // 2), ce_lr_mult=v.lr_mult)
     after, on_val = M.evaluate(m, test), M.evaluate(m, val)
-    r.update(correct=after["correct"], acc=statistics.mean(after["correct"]), nll=statistics.mean(after["nll"]),
+    r.update(correct=after["correct"], nll_items=after["nll"], acc=statistics.mean(after["correct"]), nll=statistics.mean(after["nll"]),
              val_acc=statistics.mean(on_val["correct"]), val_nll=statistics.mean(on_val["nll"]),
              theta_drift=M.theta_drift(m))
     if v.tau is not None:
@@ -95,12 +124,23 @@ def run_variant(a, v: Variant, state, seed: int, splits) -> Tuple[Dict, torch.nn
     return r, m
 
 
+def reset_rng(seed: int = 1234) -> None:
+    """The generators init_parallel seeds, reset, so that a seed's numbers do not depend on what ran
+    before it in the same process (workers.py)."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
 def run_seed(a, seed: int, splits, variants: List[Variant], threads: int, keep_models: bool = False):
     """Results of one pretraining seed: {'variants': {name: result}, 'selected': {group: member}}."""
     torch.set_num_threads(threads)
+    reset_rng()
     t0 = time.perf_counter()
-    state, pre_loss = pretrain(a, seed)
-    out: Dict = dict(seed=seed, threads=threads, pretrain_loss=pre_loss, variants={}, selected={})
+    state, pre = pretrain(a, seed)
+    out: Dict = dict(seed=seed, threads=threads, pretrain_loss=pre["loss"], pretrain=pre, variants={},
+                     selected={})
     models = {}
     for v in variants:
         out["variants"][v.name], m = run_variant(a, v, state, seed, splits)

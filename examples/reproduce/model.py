@@ -47,6 +47,15 @@ def ce_tables(model) -> List[torch.nn.Parameter]:
     return [p for p in model.parameters() if is_ce_table(p)]
 
 
+def tie_theta_rows(model) -> None:
+    """Control for the theta learning-rate rows: every expert's theta row gets the summed gradient of
+    all rows, so the rows start equal (ones) and stay equal under Adam (no weight decay on theta). Then
+    theta = sum_j a'_j theta_j is one per-layer vector whatever the auxiliary experts are: the same
+    trainable per-channel scales on the main experts, with the auxiliary experts' identity removed."""
+    for p in ce_tables(model):
+        p.register_hook(lambda g: g.sum(0, keepdim=True).expand_as(g).clone())
+
+
 def theta_drift(model) -> Optional[float]:
     """max |theta - 1| over the CE tables (None without CE)."""
     tabs = ce_tables(model)
@@ -63,9 +72,11 @@ def lm_loss(model, toks: torch.Tensor, mask: Optional[torch.Tensor] = None) -> t
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, cosine to 0.1 x lr at `total`; steps past `total` (the pretraining gate's
+    extension) stay at the floor."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
@@ -78,15 +89,16 @@ def make_optimizer(model, lr: float, ce_lr_mult: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
 
 
-def train(model, steps: int, lr: float, batch_fn, log: str, log_every: int, ce_lr_mult: float = 1.0,
-          losses: Optional[List[float]] = None):
-    opt = make_optimizer(model, lr, ce_lr_mult)
+def run_steps(model, opt, steps: range, total: int, lr: float, batch_fn, log: str, log_every: int,
+              losses: Optional[List[float]] = None) -> None:
+    """Optimizer steps `steps` of a schedule over `total` steps (one optimizer across calls, so a run cut
+    into pieces equals an uncut one)."""
     model.train()
-    warmup = max(1, steps // 20)
+    warmup = max(1, total // 20)
     t0 = time.perf_counter()
-    for step in range(steps):
+    for step in steps:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup) * g["lr_mult"]
+            g["lr"] = lr_at(step, total, lr, warmup) * g["lr_mult"]
         loss = lm_loss(model, *batch_fn(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -94,10 +106,16 @@ def train(model, steps: int, lr: float, batch_fn, log: str, log_every: int, ce_l
         opt.step()
         if losses is not None:
             losses.append(loss.item())
-        if step % log_every == 0 or step == steps - 1:
-            print(f"  [{log}] step {step + 1}/{steps} loss {loss.item():.4f} "
+        if step % log_every == 0 or step == steps[-1]:
+            print(f"  [{log}] step {step + 1}/{total} loss {loss.item():.4f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     model.eval()
+
+
+def train(model, steps: int, lr: float, batch_fn, log: str, log_every: int, ce_lr_mult: float = 1.0,
+          losses: Optional[List[float]] = None):
+    run_steps(model, make_optimizer(model, lr, ce_lr_mult), range(steps), steps, lr, batch_fn, log, log_every,
+              losses)
 
 
 @torch.no_grad()

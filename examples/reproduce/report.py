@@ -32,7 +32,7 @@ def variant_table(agg: Dict[str, Dict]) -> List[str]:
 def recovery_table(recs: List[Dict]) -> List[str]:
     lines = ["| CE row | gap (reference − baseline) | recovery per seed [95% CI over test items] | "
              "recovery of the seed means [95% CI, seeds and items resampled] | answer-NLL recovery "
-             "per seed | NLL recovery of means |", "|---|---|---|---|---|---|"]
+             "per seed [95% CI] | NLL recovery of the seed means [95% CI] |", "|---|---|---|---|---|---|"]
     for r in recs:
         om = r["of_means"]
         undef = f", no gap in {100 * om['undefined'] / r['n_boot']:.0f}% of resamples" if om.get("undefined") else ""
@@ -40,7 +40,24 @@ def recovery_table(recs: List[Dict]) -> List[str]:
         lines.append(
             f"| {r['ce']} | {r['high']} − {r['low']}: {100 * om['acc'][r['high']]:.1f} − "
             f"{100 * om['acc'][r['low']]:.1f} % | {per} | {fmt_rec(om['point'])} {fmt_ci(om.get('ci'))}{undef} | "
-            + ", ".join(fmt_rec(x) for x in r["nll"]["per_seed"]) + f" | {fmt_rec(r['nll']['of_means'])} |")
+            + "; ".join(f"{fmt_rec(x['point'])} {fmt_ci(x['ci'])}" for x in r["nll"]["per_seed"])
+            + f" | {fmt_rec(r['nll']['of_means']['point'])} {fmt_ci(r['nll']['of_means'].get('ci'))} |")
+    return lines
+
+
+def gap_table(rec: Dict) -> List[str]:
+    """Per seed, is there a gap to recover at all: reference − baseline exact match and answer NLL with
+    paired 95% bootstrap intervals over the test items (a recovery is meaningful only where both
+    intervals exclude 0)."""
+    hi, lo = rec["high"], rec["low"]
+    lines = [f"| seed | {hi} exact match | {lo} exact match | gap [95% CI] | {hi} answer NLL | {lo} answer NLL | "
+             "NLL gap, baseline − reference [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for i, (e, n) in enumerate(zip(rec["per_seed"], rec["nll"]["per_seed"])):
+        ci = "n/a" if n["gap_ci"] is None else f"[{-n['gap_ci'][1]:.4f}, {-n['gap_ci'][0]:.4f}]"
+        nll = n.get("acc", {})
+        lines.append(f"| {i} | {100 * e['acc'][hi]:.1f}% | {100 * e['acc'][lo]:.1f}% | {100 * e['gap']:.1f} pt "
+                     f"[{100 * e['gap_ci'][0]:.1f}, {100 * e['gap_ci'][1]:.1f}] | {nll.get(hi, float('nan')):.4f} | "
+                     f"{nll.get(lo, float('nan')):.4f} | {-n['gap']:.4f} {ci} |")
     return lines
 
 
@@ -79,18 +96,42 @@ def sensitivity_lines(sens: Dict) -> List[str]:
     return lines
 
 
+def seed_line(s: Dict, gate_acc: float) -> str:
+    pre, gate = s.get("pretrain"), ""
+    if pre is not None:
+        verdict = "gate off" if gate_acc <= 0 else ("passed" if pre["passed"] else "NOT passed")
+        gate = (f", {pre['steps']} pretraining steps, check {100 * pre['gate_history'][-1][1]:.1f}% exact match "
+                f"({verdict})")
+    return f"seed {s['seed']}: pretraining loss {s['pretrain_loss']:.4f}{gate}, {s['wall_s']:.0f} s"
+
+
+def machine_lines(res: Dict) -> List[str]:
+    """Other processes may share the cores: the load averages bracket the run."""
+    m, st = res.get("machine"), res["settings"]
+    if not m:
+        return []
+    end = f", at the end {m['load_end'][0]:.2f}" if "load_end" in m else ""
+    return [f"{m['cpus']} CPUs, {st.get('workers', 1)} worker process(es) x {st['threads']} torch thread(s); "
+            f"1-min load average at the start {m['load_start'][0]:.2f}{end} (other processes included)"]
+
+
 def write_markdown(res: Dict, out: str) -> None:
     md = ["# Scaled-down CE trade-off reproduction", "",
           f"status: {res['status']}; pretraining seeds done (threads={res['settings']['threads']}): "
           f"{[s['seed'] for s in res['seeds']]}; wall time so far {res['wall_s']:.0f} s", "",
-          "per pretraining seed: " + "; ".join(f"seed {s['seed']}: pretraining loss {s['pretrain_loss']:.4f}, "
-                                               f"{s['wall_s']:.0f} s" for s in res["seeds"]), ""]
+          *machine_lines(res), "", "per pretraining seed: " + "; ".join(seed_line(s, res["settings"].get("gate_acc", 0))
+                                                        for s in res["seeds"]), ""]
     if res.get("aggregate"):
         md += ["## Variants (test: the same held-out problems for every seed and variant)", "",
                *variant_table(res["aggregate"]), ""]
     if res.get("recovery"):
         md += ["## Recovery of the gap, (acc_CE − acc_baseline)/(acc_reference − acc_baseline) "
                "(paper: 53–64%)", "", *recovery_table(res["recovery"]), ""]
+    if res.get("recovery"):
+        md += [f"## Is there a gap? {res['recovery'][0]['high']} vs {res['recovery'][0]['low']} per pretraining seed",
+               "", *gap_table(res["recovery"][0]), ""]
+        k1 = [r for r in res["recovery"] if r["high"] != res["recovery"][0]["high"]]
+        md += [*gap_table(k1[0]), ""] if k1 else []
     if res["seeds"] and res["seeds"][0]["selected"]:
         md += ["## Choices made on the validation problems (never on the test problems)", "",
                *choices_table(res["seeds"]), ""]
@@ -106,7 +147,7 @@ def write_markdown(res: Dict, out: str) -> None:
 def write_json(res: Dict, out: str) -> None:
     tmp = os.path.join(out, "results.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(res, f, separators=(",", ":"))  # compact: per-item arrays of every variant and seed
     os.replace(tmp, os.path.join(out, "results.json"))  # a reader never sees half a file
 
 

@@ -23,6 +23,7 @@ class Variant:
     lr_mult: float = 1.0  # theta learning rate = lr x lr_mult
     calib: int = 0  # calibration batches before SFT (0: theta starts at ones)
     tau: Optional[float] = None  # adaptive split (--moe-ce-split mass)
+    tied: bool = False  # control: one theta row shared by all experts of a layer (model.tie_theta_rows)
     group: Optional[str] = None  # grid group selected on validation
 
     @property
@@ -35,6 +36,8 @@ class Variant:
 
 LR_GROUP = "top-2+CE lr-mult (val)"
 CAL_GROUP = "top-2+calCE (val)"
+TIED_GROUP = "top-2+tied θ lr-mult (val)"  # control for LR_GROUP: the aux experts' identity removed
+CAL_LR_GROUP = "top-2+calCE lr-mult (val)"  # calibrated start, then SFT with the raised theta lr
 
 
 def variants(lr_mults: List[float], calib_sizes: List[int], taus: List[float],
@@ -42,8 +45,11 @@ def variants(lr_mults: List[float], calib_sizes: List[int], taus: List[float],
     out = [Variant("top-4", 4), Variant("top-2", 2), Variant("top-2+CE", 4, 2),
            Variant("top-2+CE hidden", 4, 2, ce="hidden"), Variant("top-1", 1), Variant("top-1+CE", 2, 1)]
     out += [Variant(f"top-2+CE lr×{m:g}", 4, 2, lr_mult=m, group=LR_GROUP) for m in lr_mults]
+    out += [Variant(f"top-2+tied θ lr×{m:g}", 4, 2, lr_mult=m, tied=True, group=TIED_GROUP) for m in lr_mults]
     if calibration:
         out += [Variant(f"top-2+calCE n={n}", 4, 2, calib=n, group=CAL_GROUP) for n in calib_sizes]
+        out += [Variant(f"top-2+calCE n={n} lr×{m:g}", 4, 2, lr_mult=m, calib=n, group=CAL_LR_GROUP)
+                for n in calib_sizes for m in lr_mults]
     out += [Variant(f"mass tau={t:g}", 4, 3, tau=t) for t in taus]
     return out
 
@@ -51,9 +57,9 @@ def variants(lr_mults: List[float], calib_sizes: List[int], taus: List[float],
 # recovery rows: (CE row, reference, baseline)
 def recovery_rows(calibration: bool) -> List[tuple]:
     rows = [("top-2+CE", "top-4", "top-2"), ("top-2+CE hidden", "top-4", "top-2"),
-            (LR_GROUP, "top-4", "top-2")]
+            (LR_GROUP, "top-4", "top-2"), (TIED_GROUP, "top-4", "top-2")]
     if calibration:
-        rows.append((CAL_GROUP, "top-4", "top-2"))
+        rows += [(CAL_GROUP, "top-4", "top-2"), (CAL_LR_GROUP, "top-4", "top-2")]
     rows.append(("top-1+CE", "top-2", "top-1"))
     return rows
 
