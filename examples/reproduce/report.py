@@ -152,7 +152,9 @@ def write_json(res: Dict, out: str) -> None:
 
 
 COLORS = {"top-4": "tab:blue", "top-2": "tab:orange", "top-1": "tab:red", "top-2+CE": "tab:green",
-          "top-1+CE": "tab:brown", "top-2+CE hidden": "tab:olive"}
+          "top-1+CE": "tab:brown", "top-2+CE hidden": "tab:olive", "top-2+CE lr-mult (val)": "tab:purple",
+          "top-2+calCE (val)": "tab:gray", "top-2+calCE lr-mult (val)": "black",
+          "top-2+tied θ lr-mult (val)": "tab:pink"}
 
 
 def write_plot(res: Dict, out: str) -> None:
@@ -166,9 +168,9 @@ def write_plot(res: Dict, out: str) -> None:
         if "lat_mean" not in g or g["spec"].get("group") not in (None, n):  # grid: the selected row only
             continue
         ax.errorbar(g["lat_mean"], 100 * g["acc_mean"], xerr=g["lat_std"], yerr=100 * g["acc_std"],
-                    fmt="o", color=COLORS.get(n, "k" if "cal" in n else "tab:purple"), capsize=3, label=n)
+                    fmt="o", color=COLORS.get(n, "tab:cyan"), capsize=3, label=n)
         for acc in g["acc_seeds"]:
-            ax.plot(g["lat_mean"], 100 * acc, ".", color=COLORS.get(n, "k"), alpha=0.35)
+            ax.plot(g["lat_mean"], 100 * acc, ".", color=COLORS.get(n, "tab:cyan"), alpha=0.35)
     ax.set_xlabel(f"greedy decode latency, batch {res['settings']['lat_batch']} (s)")
     ax.set_ylabel("test exact match (%)")
     ax.set_title("Accuracy vs latency (scaled-down, CPU; dots: pretraining seeds)")
