@@ -30,6 +30,7 @@ class Resume:
     state: Optional[Dict[str, Any]] = None
     rank_state: Optional[Dict[str, Any]] = None
     same_layout: bool = False  # the checkpoint was written under this run's TP/PP/EP/ETP/DP layout
+    model: Any = None  # the unwrapped model the weights went into (a resharded optimizer load maps its params)
 
 
 class CheckpointManager:
@@ -39,7 +40,6 @@ class CheckpointManager:
         self.interval: Optional[int] = args.save_interval
         self.keep: Optional[int] = args.keep_last_checkpoints
         self.last_saved: Optional[int] = None  # the iteration whose checkpoint is the latest (this run or resumed)
-        self.model = None  # the unwrapped model `load` filled: a resharded optimizer load maps its parameters
         # Installed at construction, i.e. first in set-up: a signal during set-up is acted on after the
         # first iteration.
         self.exit_handler = ExitSignalHandler(args.exit_signal) if args.exit_signal_handler else None
@@ -88,7 +88,6 @@ class CheckpointManager:
     def load(self, gpt) -> Resume:
         """The model weights from the resume source, and this rank's optimizer/RNG file when usable."""
         source, state = self.resume_source()
-        self.model = gpt
         if source is None:
             return Resume()
         if state is not None:  # checked before the weights: a changed setting is the likelier mistake
@@ -101,7 +100,7 @@ class CheckpointManager:
         same = state["layout"] == ckpt.parallel_layout(args)
         rank_state = ckpt.load_rank_state(source, state, same and not (args.no_load_optim and args.no_load_rng))
         self.last_saved = state["iteration"]
-        return Resume(source, state, rank_state, same)
+        return Resume(source, state, rank_state, same, model=gpt)
 
     def restore(self, resume: Resume, optimizer, scheduler) -> Tuple[int, int]:
         """Scheduler, optimizer and RNG from a training checkpoint (weights are already loaded).
@@ -137,7 +136,7 @@ class CheckpointManager:
         refusal = optim_reshard.load_refusal(resume.state.get("reshardable_optimizer"), self.args, optimizer)
         if refusal is not None:
             return f"layout {_short(before)} -> {_short(now)}: {refusal}"
-        ckpt.load_resharded_optimizer(resume.source, optimizer, self.model)
+        ckpt.load_resharded_optimizer(resume.source, optimizer, resume.model)
         print0(f"optimizer state resharded from layout {_short(before)} to {_short(now)}")
         return None
 
